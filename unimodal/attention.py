@@ -1,0 +1,223 @@
+"""Attention: RoPE-ND, QK-norm, and the one backend dispatch.
+
+Backends (all derive their masks from `masks.allowed`):
+  "sdpa"   scaled_dot_product_attention with the dense (B, 1, L, L) boolean mask
+  "block"  block-structured CPU path: one SDPA call per query group over the keys it can see,
+           unmasked wherever the group sees its keys fully (SCAM's empty part is never computed)
+  "flex"   FlexAttention with a BlockMask (compiled on CUDA; eager elsewhere, forward only on CPU)
+  "flash"  flash-attn's KV-cache kernel for cached decoding on CUDA (optional extra)
+"auto" picks flex on CUDA and block (or sdpa when the layout has too many groups) on CPU.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import masks
+from .config import rope_base
+from .masks import Layout
+
+BACKENDS = ("auto", "sdpa", "block", "flex", "flash")
+MAX_BLOCK_GROUPS = 96  # above this many query groups per row the block path falls back to dense SDPA
+
+
+# ----------------------------------------------------------------------------- RoPE-ND
+
+class RopeND:
+    """Rotary embedding over A position axes; the head dim is split between axes.
+
+    style "paper": axis j gets d_j = head_dim * s_j / sum(s) dims with the usual
+    inv_freq = base_j^(-2k/d_j), base_j = 100 ceil(8 L_j / (100 pi)); all axes' angles are laid out
+    so that rotate-half pairs dims (i, i + head_dim/2) at one angle (a proper rotation per pair).
+    style "reference": the thunlp/ACDiT rope.py layout (per-axis [f, f] blocks, global
+    rotate-half, inv_freq from a linspace over head_dim, base from the axis length), for
+    converted checkpoints.
+    """
+
+    def __init__(self, head_dim: int, split: tuple[int, ...], max_pos: tuple[int, ...], style: str = "paper"):
+        self.head_dim, self.style = head_dim, style
+        unit = head_dim // 2 // sum(split)
+        self.dims = [2 * s * unit for s in split]  # dims per axis
+        assert sum(self.dims) == head_dim, (split, head_dim)
+        if style == "paper":
+            self.bases = [rope_base(m) for m in max_pos]
+            self.inv_freq = [b ** (-torch.arange(0, d, 2, dtype=torch.float64) / d) for b, d in zip(self.bases, self.dims)]
+        else:
+            self.bases = [(int(8 * m / math.pi) // 100 + 1) * 100 for m in max_pos]
+            self.inv_freq = [1.0 / (b ** (torch.linspace(0, head_dim, d // 2, dtype=torch.float32).double() / head_dim))
+                             for b, d in zip(self.bases, self.dims)]
+
+    def cos_sin(self, pos: Tensor) -> tuple[Tensor, Tensor]:
+        """pos (B, L, A) integer -> cos, sin (B, 1, L, head_dim) float32."""
+        angles = [pos[..., j, None].double() * f.to(pos.device) for j, f in enumerate(self.inv_freq)]  # (B, L, d_j/2)
+        if self.style == "paper":
+            half = torch.cat(angles, -1)  # (B, L, head_dim/2)
+            emb = torch.cat([half, half], -1)  # (B, L, head_dim)
+        else:
+            emb = torch.cat([torch.cat([a, a], -1) for a in angles], -1)  # (B, L, head_dim)
+        return emb.cos().float()[:, None], emb.sin().float()[:, None]
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x (B, H, L, D); cos/sin (B, 1, L, D) float32; computed in float32, returned in x's dtype."""
+    xf = x.float()
+    return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- per-forward context
+
+@dataclass
+class AttnContext:
+    """Everything attention needs for one forward pass, built once and shared by all layers."""
+    layout: Layout  # queries' (doc, step, noisy), (B, L)
+    cos: Tensor
+    sin: Tensor
+    backend: str = "sdpa"
+    # cached decoding: keys are cache[:length] followed by the new tokens
+    cache: object | None = None
+    kv_layout: Layout | None = None  # (doc, step, noisy) of all keys (cache + new) when cache is set
+    n_commit: int = 0  # leading new tokens (clean) whose K/V are committed to the cache
+    _mask: Tensor | None = None
+    _groups: list | None = None
+    extra: dict = field(default_factory=dict)
+
+    def dense(self) -> Tensor:
+        if self._mask is None:
+            if self.cache is None:
+                m = masks.dense_mask(self.layout)  # (B, L, L)
+            else:
+                Lq, Lk = self.layout.shape[1], self.kv_layout.shape[1]
+                dev = self.layout.doc.device
+                m = masks.cross_mask(self.layout, self.kv_layout, torch.arange(Lk - Lq, Lk, device=dev),
+                                     torch.arange(Lk, device=dev))  # (B, Lq, Lk)
+            self._mask = m[:, None]  # (B, 1, Lq, Lk)
+        return self._mask
+
+    def groups(self) -> list:
+        if self._groups is None:
+            self._groups = [masks.query_groups(self.layout.row(b)) for b in range(self.layout.shape[0])] \
+                if not self.layout.rows_identical() else [masks.query_groups(self.layout.row(0))]
+        return self._groups
+
+
+def choose_backend(requested: str, layout: Layout, device: torch.device, training: bool, cached: bool) -> str:
+    if requested not in BACKENDS:
+        raise ValueError(f"unknown attention backend {requested!r}; choose one of {BACKENDS}")
+    if cached:
+        if requested == "flash" or (requested == "auto" and device.type == "cuda" and _has_flash()):
+            return "flash"
+        return "sdpa"
+    if requested == "flash":
+        raise ValueError("the 'flash' backend serves cached decoding only")
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        return "flex"
+    if layout.rows_identical():
+        n = len(masks.query_groups(layout.row(0)))
+        return "block" if n <= MAX_BLOCK_GROUPS else "sdpa"
+    return "sdpa"
+
+
+def _has_flash() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+# ----------------------------------------------------------------------------- the dispatch
+
+def attend(q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext) -> Tensor:
+    """q (B, H, Lq, D), k/v (B, H, Lk, D) -> (B, H, Lq, D) under the context's mask."""
+    if ctx.backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.dense())
+    if ctx.backend == "block":
+        return _block_attention(q, k, v, ctx)
+    if ctx.backend == "flex":
+        return _flex_attention(q, k, v, ctx)
+    if ctx.backend == "flash":
+        return _flash_decode(q, k, v, ctx)
+    raise ValueError(f"unknown attention backend {ctx.backend!r}")
+
+
+def _block_attention(q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext) -> Tensor:
+    all_groups = ctx.groups()
+    if len(all_groups) == 1:
+        return _block_row(q, k, v, all_groups[0])
+    return torch.cat([_block_row(q[b:b + 1], k[b:b + 1], v[b:b + 1], g) for b, g in enumerate(all_groups)], 0)
+
+
+def _block_row(q: Tensor, k: Tensor, v: Tensor, groups: list) -> Tensor:
+    outs = []
+    for g in groups:
+        qg = q[:, :, g.q0:g.q1]  # (B, H, n, D)
+        if not g.k_ranges:  # padding: each token sees only itself
+            outs.append(v[:, :, g.q0:g.q1])
+            continue
+        if len(g.k_ranges) == 1:
+            s, e = g.k_ranges[0]
+            kg, vg = k[:, :, s:e], v[:, :, s:e]  # (B, H, m, D)
+        else:
+            kg = torch.cat([k[:, :, s:e] for s, e in g.k_ranges], 2)  # (B, H, m, D)
+            vg = torch.cat([v[:, :, s:e] for s, e in g.k_ranges], 2)  # (B, H, m, D)
+        mask = None if g.mask is None else g.mask.to(q.device)
+        outs.append(F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask))  # (B, H, n, D)
+    return torch.cat(outs, 2)  # (B, H, L, D)
+
+
+_FLEX = {}
+
+
+def _flex_attention(q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext) -> Tensor:
+    from torch.nn.attention.flex_attention import flex_attention
+    bm = masks.block_mask(ctx.layout)
+    if q.device.type == "cuda":
+        if "compiled" not in _FLEX:
+            _FLEX["compiled"] = torch.compile(flex_attention, dynamic=False)
+        return _FLEX["compiled"](q, k, v, block_mask=bm)
+    return flex_attention(q, k, v, block_mask=bm)
+
+
+def _flash_decode(q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext) -> Tensor:
+    """Cached decoding with flash-attn: every new query sees the whole committed cache; the mask
+    among the new tokens themselves is applied by splitting the call per predicate pattern."""
+    from flash_attn import flash_attn_func  # optional CUDA extra
+    m = ctx.dense()
+    if not bool(m.all()):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+    out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, L, H, D)
+    return out.transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------- the module
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, eps: float = 1e-6):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=eps) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=eps) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim, bias=True)
+
+    def forward(self, x: Tensor, ctx: AttnContext, layer: int = 0) -> Tensor:
+        B, L, C = x.shape
+        qkv = self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim)  # (B, L, 3, H, D)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, L, D)
+        q = apply_rope(self.q_norm(q), ctx.cos, ctx.sin)  # (B, H, L, D)
+        k = apply_rope(self.k_norm(k), ctx.cos, ctx.sin)  # (B, H, L, D)
+        if ctx.cache is not None:
+            k, v = ctx.cache.keys_values(layer, k, v, ctx.n_commit)  # (B, H, Lc + L, D)
+        o = attend(q, k, v, ctx)  # (B, H, L, D)
+        return self.proj(o.transpose(1, 2).reshape(B, L, C))  # (B, L, C)

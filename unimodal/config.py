@@ -1,0 +1,173 @@
+"""Dataclass configs, Python config files and strict dotted overrides.
+
+A config file is a Python file that defines `config` (an instance of a dataclass):
+
+    # configs/mnist_tiny.py
+    from unimodal.config import TrainConfig, ModelConfig
+    config = TrainConfig(model=ModelConfig.preset("ACDiT-T", ...), ...)
+
+Overrides are `a.b.c=value` strings; the value is parsed as a Python literal when it is
+one (numbers, tuples, True/None), else taken as a string. An unknown key fails, naming
+the key and the valid keys at that level.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib.util
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+# ----------------------------------------------------------------------------- model
+
+# (depth, hidden_size, num_heads): paper Table 1 and tiny CPU sizes; head_dim 64 throughout.
+PRESETS: dict[str, tuple[int, int, int]] = {
+    "ACDiT-B": (12, 768, 12),
+    "ACDiT-L": (24, 1024, 16),
+    "ACDiT-XL": (28, 1152, 18),
+    "ACDiT-H": (32, 1280, 20),
+    "ACDiT-S": (12, 384, 6),
+    "ACDiT-T": (6, 256, 4),
+    "ACDiT-Mini": (4, 128, 2),
+    "ACDiT-Micro": (2, 64, 2),
+}
+
+
+@dataclass
+class ModelConfig:
+    depth: int = 6
+    hidden_size: int = 256
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    # continuous modalities: one latent space for images and video frames
+    latent_channels: int = 4
+    patch_size: int = 1
+    # conditioning: class labels (0 = none); the null class has index num_classes
+    num_classes: int = 0
+    # text: vocabulary (0 = no text embedding / LM head)
+    vocab_size: int = 0
+    qk_norm: bool = True
+    norm_eps: float = 1e-6
+    # RoPE-ND: number of axes (3 = M-RoPE layout for mixed sequences, 2 = (h, w) image-only),
+    # the head-dim split between axes, the largest position per axis (sets each axis' base),
+    # and the frequency rule: "paper" (DESIGN.md section 3) or "reference" (thunlp/ACDiT rope.py)
+    rope_axes: int = 3
+    rope_split: tuple[int, ...] = (2, 3, 3)
+    rope_max_pos: tuple[int, ...] = (4096, 4096, 4096)
+    rope_style: str = "paper"
+    # attention backend: "auto" | "sdpa" | "block" | "flex" | "naive"
+    attn_backend: str = "auto"
+    gradient_checkpointing: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        return self.latent_channels * self.patch_size ** 2
+
+    @staticmethod
+    def preset(name: str, **overrides: Any) -> "ModelConfig":
+        if name not in PRESETS:
+            raise KeyError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}")
+        depth, hidden, heads = PRESETS[name]
+        cfg = ModelConfig(depth=depth, hidden_size=hidden, num_heads=heads)
+        return replace_strict(cfg, **overrides)
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if len(self.rope_split) != self.rope_axes or len(self.rope_max_pos) != self.rope_axes:
+            raise ValueError(f"rope_split {self.rope_split} and rope_max_pos {self.rope_max_pos} "
+                             f"must have rope_axes={self.rope_axes} entries")
+        if self.rope_style not in ("paper", "reference"):
+            raise ValueError(f"rope_style must be 'paper' or 'reference', got {self.rope_style!r}")
+        half = self.head_dim // 2
+        if half % sum(self.rope_split):
+            raise ValueError(f"head_dim/2 = {half} is not divisible by sum(rope_split) = {sum(self.rope_split)}")
+
+
+def rope_base(max_pos: int) -> int:
+    """DESIGN.md section 3: 100 * ceil(8 L / (100 pi)), L the largest index on the axis."""
+    return 100 * max(1, math.ceil(8 * max_pos / (100 * math.pi)))
+
+
+# ----------------------------------------------------------------------------- strict replace / overrides
+
+def replace_strict(obj: Any, **kw: Any) -> Any:
+    names = {f.name for f in dataclasses.fields(obj)}
+    bad = [k for k in kw if k not in names]
+    if bad:
+        raise KeyError(f"unknown key(s) {bad} for {type(obj).__name__}; valid keys: {sorted(names)}")
+    return dataclasses.replace(obj, **kw)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
+    """Apply `a.b=value` overrides to a (nested) dataclass; returns a new object."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form key=value")
+        key, text = item.split("=", 1)
+        cfg = _set_path(cfg, key.strip().split("."), _parse_value(text.strip()), key)
+    return cfg
+
+
+def _set_path(obj: Any, path: list[str], value: Any, full: str) -> Any:
+    if not dataclasses.is_dataclass(obj):
+        raise KeyError(f"override {full!r}: {type(obj).__name__} has no fields")
+    names = {f.name: f for f in dataclasses.fields(obj)}
+    head = path[0]
+    if head not in names:
+        raise KeyError(f"override {full!r}: unknown key {head!r} in {type(obj).__name__}; "
+                       f"valid keys: {sorted(names)}")
+    if len(path) == 1:
+        old = getattr(obj, head)
+        if isinstance(old, tuple) and isinstance(value, list):
+            value = tuple(value)
+        if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if old is not None and value is not None and not isinstance(value, type(old)) \
+                and not (isinstance(old, tuple) and isinstance(value, tuple)):
+            raise TypeError(f"override {full!r}: expected {type(old).__name__}, got {value!r}")
+        return dataclasses.replace(obj, **{head: value})
+    return dataclasses.replace(obj, **{head: _set_path(getattr(obj, head), path[1:], value, full)})
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Any:
+    """Execute a Python config file and return its `config` object with overrides applied."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    spec = importlib.util.spec_from_file_location(f"unimodal_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "config"):
+        raise AttributeError(f"config file {path} defines no `config` object")
+    return apply_overrides(module.config, overrides or [])
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def model_config_from_dict(d: dict) -> ModelConfig:
+    d = dict(d)
+    for k in ("rope_split", "rope_max_pos"):
+        if k in d:
+            d[k] = tuple(d[k])
+    return replace_strict(ModelConfig(), **d)
+
+
+__all__ = ["ModelConfig", "PRESETS", "rope_base", "replace_strict", "apply_overrides", "load_config",
+           "to_dict", "model_config_from_dict", "field", "dataclass"]

@@ -1,0 +1,204 @@
+"""ACDiT: a DiT over a packed mixed sequence of text tokens, clean blocks and noised blocks.
+
+Linear patch embed/unembed, RMSNorm, QK-norm, RoPE-ND, adaLN-Zero applied to noised tokens
+only (clean and text tokens are never modulated), a text embedding and LM head. Parameter
+names follow DiT / the reference implementation where they exist.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import Attention, AttnContext, RopeND, choose_backend
+from .config import ModelConfig
+from .masks import Layout
+from .sequence import TEXT
+
+
+@dataclass
+class ModelInput:
+    """One forward pass worth of tokens. `cond_index` points noised tokens at a row of the
+    conditioning table (t[i], y[i]); -1 marks tokens that get no modulation."""
+    tokens: Tensor  # (B, L) long, text ids (ignored elsewhere)
+    patches: Tensor  # (B, L, P) patch vectors (noised values at noised tokens)
+    is_text: Tensor  # (B, L) bool
+    layout: Layout  # (B, L) doc / step / noisy
+    pos: Tensor  # (B, L, A) long
+    cond_index: Tensor  # (B, L) long
+    t: Tensor  # (n_cond,) timesteps (float or long)
+    y: Tensor  # (n_cond,) class labels, num_classes = null
+
+
+@dataclass
+class ModelOutput:
+    eps: Tensor  # (B, L, P) predicted noise at noised tokens, 0 elsewhere
+    logits: Tensor | None  # (N, V) at the requested text positions
+    hidden: Tensor | None = None  # (B, L, H) final normalised hidden states, when requested
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return x * (1 + scale) + shift
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """Transformer block; adaLN-Zero modulation for the tokens that carry a conditioning row."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        H = cfg.hidden_size
+        self.norm1 = nn.RMSNorm(H, eps=cfg.norm_eps)
+        self.attn = Attention(H, cfg.num_heads, cfg.qk_norm, cfg.norm_eps)
+        self.norm2 = nn.RMSNorm(H, eps=cfg.norm_eps)
+        self.mlp = Mlp(H, int(H * cfg.mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(H, 6 * H))
+
+    def forward(self, x: Tensor, c: Tensor, cond_index: Tensor, ctx: AttnContext, layer: int) -> Tensor:
+        # per-token modulation: row 0 is the identity (shift 0, scale 0, gate 1) for unmodulated tokens
+        table = self.adaLN_modulation(c)  # (n_cond, 6H)
+        ident = torch.zeros_like(table[:1]).view(1, 6, -1)  # (1, 6, H)
+        ident[:, 2] = 1
+        ident[:, 5] = 1
+        table = torch.cat([ident.view(1, -1), table], 0)  # (1 + n_cond, 6H)
+        mod = table[cond_index + 1]  # (B, L, 6H)
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)  # 6 x (B, L, H)
+        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), ctx, layer)  # (B, L, H)
+        x = x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))  # (B, L, H)
+        return x
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden: int, out: int, eps: float):
+        super().__init__()
+        self.norm_final = nn.RMSNorm(hidden, eps=eps)
+        self.linear = nn.Linear(hidden, out)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)  # (N, H) each
+        return self.linear(modulate(self.norm_final(x), shift, scale))  # (N, P)
+
+
+class ACDiT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        H = cfg.hidden_size
+        self.x_embedder = nn.Linear(cfg.patch_dim, H, bias=False)
+        self.t_proj = Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.t_embedder = TimestepEmbedding(256, H)
+        self.y_embedder = nn.Embedding(cfg.num_classes + 1, H) if cfg.num_classes > 0 else None
+        self.tok_embedder = nn.Embedding(cfg.vocab_size, H) if cfg.vocab_size > 0 else None
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.depth)])
+        self.final_layer = FinalLayer(H, cfg.patch_dim, cfg.norm_eps)
+        if cfg.vocab_size > 0:
+            self.text_norm = nn.RMSNorm(H, eps=cfg.norm_eps)
+            self.lm_head = nn.Linear(H, cfg.vocab_size, bias=False)
+        self.rope = RopeND(cfg.head_dim, cfg.rope_split, cfg.rope_max_pos, cfg.rope_style)
+        self.initialize_weights()
+
+    @property
+    def null_class(self) -> int:
+        return self.cfg.num_classes
+
+    def initialize_weights(self) -> None:
+        def basic(m):
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        self.apply(basic)
+        if self.y_embedder is not None:
+            nn.init.normal_(self.y_embedder.weight, std=0.02)
+        if self.tok_embedder is not None:
+            nn.init.normal_(self.tok_embedder.weight, std=0.02)
+            nn.init.zeros_(self.lm_head.weight)
+        nn.init.normal_(self.t_embedder.linear_1.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.linear_2.weight, std=0.02)
+        for blk in self.blocks:
+            nn.init.zeros_(blk.adaLN_modulation[-1].weight)
+            nn.init.zeros_(blk.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def condition(self, t: Tensor, y: Tensor) -> Tensor:
+        """(n,) timesteps, (n,) labels -> (n, H) conditioning vectors."""
+        c = self.t_embedder(self.t_proj(t.float()).to(self.x_embedder.weight.dtype))  # (n, H)
+        if self.y_embedder is not None:
+            c = c + self.y_embedder(y)  # (n, H)
+        return c
+
+    def forward(self, inp: ModelInput, logits_at: Tensor | None = None, cache=None, n_commit: int = 0,
+                kv_layout: Layout | None = None, return_hidden: bool = False) -> ModelOutput:
+        B, L = inp.tokens.shape
+        x = self.x_embedder(inp.patches)  # (B, L, H)
+        if self.tok_embedder is not None:
+            x = torch.where(inp.is_text[..., None], self.tok_embedder(inp.tokens.clamp(min=0)), x)  # (B, L, H)
+        c = self.condition(inp.t, inp.y)  # (n_cond, H)
+        cos, sin = self.rope.cos_sin(inp.pos)  # (B, 1, L, Dh) each
+        backend = choose_backend(self.cfg.attn_backend, inp.layout, x.device, self.training, cache is not None)
+        ctx = AttnContext(inp.layout, cos, sin, backend, cache=cache, kv_layout=kv_layout, n_commit=n_commit)
+        ckpt = self.cfg.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for i, blk in enumerate(self.blocks):
+            if ckpt:
+                x = checkpoint(blk, x, c, inp.cond_index, ctx, i, use_reentrant=False)  # (B, L, H)
+            else:
+                x = blk(x, c, inp.cond_index, ctx, i)  # (B, L, H)
+        if cache is not None:
+            cache.advance(n_commit)
+        # noise prediction at noised (conditioned) tokens only
+        flat = x.reshape(B * L, -1)  # (B*L, H)
+        cidx = inp.cond_index.reshape(-1)  # (B*L,)
+        sel = torch.nonzero(cidx >= 0).flatten()  # (N,)
+        eps_sel = self.final_layer(flat[sel], c[cidx[sel]])  # (N, P)
+        eps = torch.zeros(B * L, eps_sel.shape[-1], dtype=eps_sel.dtype, device=x.device)
+        eps = eps.index_copy(0, sel, eps_sel).view(B, L, -1)  # (B, L, P)
+        logits = None
+        if logits_at is not None and self.tok_embedder is not None:
+            h = flat[torch.nonzero(logits_at.reshape(-1)).flatten()]  # (N_text, H)
+            logits = self.lm_head(self.text_norm(h))  # (N_text, V)
+        hidden = self.text_norm(x) if (return_hidden and self.tok_embedder is not None) else \
+            (self.final_layer.norm_final(x) if return_hidden else None)
+        return ModelOutput(eps, logits, hidden)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def build_model(cfg: ModelConfig) -> ACDiT:
+    return ACDiT(cfg)
+
+
+def imagenet_config(preset: str, **kw) -> ModelConfig:
+    """The paper's ImageNet 256 setting: SD-VAE latents 32x32x4, patch 1, 1000 classes."""
+    return ModelConfig.preset(preset, latent_channels=4, patch_size=1, num_classes=1000, vocab_size=0,
+                              rope_axes=2, rope_split=(1, 1), rope_max_pos=(31, 31), **kw)
+
+
+def main() -> None:
+    """Print the parameter counts of the paper presets in the ImageNet 256 setting."""
+    for name in ("ACDiT-B", "ACDiT-L", "ACDiT-XL", "ACDiT-H"):
+        with torch.device("meta"):
+            m = ACDiT(imagenet_config(name))
+        print(f"{name:9s} {count_parameters(m):>13,d}")
+
+
+if __name__ == "__main__":
+    main()
