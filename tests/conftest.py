@@ -1,7 +1,11 @@
+import os
 import random
 
 import pytest
 import torch
+
+# the models under test are tiny: one thread avoids oversubscribing the machine's two cores
+torch.set_num_threads(int(os.environ.get("UNIMODAL_TEST_THREADS", "1")))
 
 from unimodal.sequence import Image, Sample, Text, Video
 

@@ -70,7 +70,7 @@ class Block(nn.Module):
     def forward(self, x: Tensor, c: Tensor, cond_index: Tensor, ctx: AttnContext, layer: int) -> Tensor:
         # per-token modulation: row 0 is the identity (shift 0, scale 0, gate 1) for unmodulated tokens
         table = self.adaLN_modulation(c)  # (n_cond, 6H)
-        ident = torch.zeros_like(table[:1]).view(1, 6, -1)  # (1, 6, H)
+        ident = table.new_zeros(1, 6, table.shape[-1] // 6)  # (1, 6, H)
         ident[:, 2] = 1
         ident[:, 5] = 1
         table = torch.cat([ident.view(1, -1), table], 0)  # (1 + n_cond, 6H)

@@ -165,6 +165,7 @@ class Packed:
 @dataclass
 class PackSpec:
     patch_size: int = 1
+    latent_channels: int | None = None  # None: taken from the samples' image / video segments
     positions: str = "mrope"  # "mrope" (3 axes, DESIGN.md section 3) | "reference" (2 axes image / 3 video, no offsets)
     drop_dead_clean: bool = False  # omit clean copies nothing can attend to (the last unit of a sample)
 
@@ -176,7 +177,6 @@ def _sample_tokens(sample: Sample, spec: PackSpec, sample_idx: int):
     segs = []
     run = 0  # running position index (mrope)
     step = 0
-    n_units_total = sum(len(s.tokens) if isinstance(s, Text) else 1 for s in sample.segments)
     for si, seg in enumerate(sample.segments):
         if isinstance(seg, Text):
             ids = seg.tokens.long().flatten()
@@ -228,14 +228,14 @@ def _sample_tokens(sample: Sample, spec: PackSpec, sample_idx: int):
             raise ValueError("positions='reference' supports single-segment samples only")
         nb, bs, _ = blocks.shape
         for b in range(nb):
-            last_unit = step == n_units_total - 1
             chunk = dict(kind=BLOCK, tokens=None, patches=blocks[b], step=torch.full((bs,), step), pos=pos[b],
                          tgt=None, seg=si, block=b)
-            if not (spec.drop_dead_clean and last_unit):
-                clean.append(chunk)
+            clean.append(chunk)
             noisy.append(chunk)
             step += 1
         segs.append((kind, tuple(seg.latent.shape), si, grid, nb))
+    if spec.drop_dead_clean and clean and clean[-1]["kind"] == BLOCK:
+        clean.pop()  # the sample's last unit: no later token attends its clean copy
     return clean, noisy, segs
 
 
@@ -259,7 +259,7 @@ def pack(samples: list[Sample], spec: PackSpec, max_len: int | None = None) -> P
             used += n
         rows.append(cur)
         L = max_len
-    P = spec.patch_size ** 2 * _latent_channels(samples)
+    P = spec.patch_size ** 2 * _latent_channels(samples, spec.latent_channels)
     A = 3 if spec.positions == "mrope" else max(
         (c["pos"].shape[-1] for cl, no, _ in laid for c in cl + no), default=1)
     B = len(rows)
@@ -324,10 +324,12 @@ def pack(samples: list[Sample], spec: PackSpec, max_len: int | None = None) -> P
                   records, len(samples))
 
 
-def _latent_channels(samples: list[Sample]) -> int:
+def _latent_channels(samples: list[Sample], expected: int | None) -> int:
     chans = {s.latent.shape[-3] for smp in samples for s in smp.segments if isinstance(s, (Image, Video))}
+    if expected is not None:
+        chans.add(expected)
     if len(chans) > 1:
-        raise ValueError(f"all image/video segments must share one latent channel count, got {sorted(chans)}")
+        raise ValueError(f"all image/video segments must have {expected or 'one'} latent channels, got {sorted(chans)}")
     return chans.pop() if chans else 1
 
 

@@ -1,0 +1,170 @@
+"""The ACDiT model: causality through all layers, B = L is plain DiT, paper parameter counts,
+and a tiny model overfitting one mixed batch."""
+import math
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import random_sample
+from test_masks import brute_force
+from unimodal.config import ModelConfig
+from unimodal.diffusion import LossConfig, model_input, train_scheduler, training_loss
+from unimodal.model import ACDiT, count_parameters, imagenet_config
+from unimodal.sequence import Image, PackSpec, Sample, Text, Video, pack
+
+BACKENDS = ["sdpa", "block", "flex"]
+
+
+def randomised(model: ACDiT) -> ACDiT:
+    """Give every parameter (zero-initialised adaLN and output layers too) a random value."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model.eval()
+
+
+def tiny(backend="sdpa", **kw) -> ACDiT:
+    cfg = ModelConfig.preset("ACDiT-Micro", latent_channels=2, patch_size=1, vocab_size=50, num_classes=10,
+                             attn_backend=backend, **kw)
+    return ACDiT(cfg).double()
+
+
+def forward_all(model, packed, patches, tokens):
+    t = torch.arange(packed.n_blocks) * 37 % 1000
+    y = torch.where(packed.block_label < 0, torch.full_like(packed.block_label, 10), packed.block_label)
+    p = packed
+    inp = model_input(p, patches, t, y)
+    inp.tokens = tokens
+    with torch.no_grad():
+        out = model(inp, return_hidden=True)
+    return out.hidden  # (B, L, H): every token's final state
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_perturbing_a_token_changes_exactly_what_may_see_it(backend):
+    model = randomised(tiny(backend))
+    for seed in range(6 if backend != "flex" else 2):  # eager flex materialises scores: slow
+        rng = random.Random(100 + seed)
+        packed = pack([random_sample(rng) for _ in range(2)], PackSpec(latent_channels=2), max_len=None)
+        packed.patches = packed.patches.double()
+        base = forward_all(model, packed, packed.patches, packed.tokens)
+        B, L = packed.tokens.shape
+        for b in range(B):
+            may_see = brute_force(packed.doc[b].tolist(), packed.step[b].tolist(), packed.noisy[b].tolist())
+            for j in range(L):
+                if packed.doc[b, j] < 0:
+                    continue
+                patches, tokens = packed.patches.clone(), packed.tokens.clone()
+                if packed.kind[b, j] == 1:
+                    tokens[b, j] = (tokens[b, j] + 7) % 50
+                else:
+                    patches[b, j] += torch.randn_like(patches[b, j])
+                out = forward_all(model, packed, patches, tokens)
+                changed = (out - base).abs().amax(-1) > 1e-9  # (B, L)
+                assert not changed[1 - b].any() if B > 1 else True
+                expect = may_see[:, j]
+                assert torch.equal(changed[b], expect), (
+                    f"layout seed {seed} row {b}: perturbing token {j} (step {int(packed.step[b, j])}, "
+                    f"noisy {int(packed.noisy[b, j])}) changed {changed[b].nonzero().flatten().tolist()}, "
+                    f"expected {expect.nonzero().flatten().tolist()}")
+
+
+def plain_dit(model: ACDiT, x_noised, t, y, grid):
+    """Independent DiT forward: noised tokens only, full bidirectional attention, no mask."""
+    cfg = model.cfg
+    h = model.x_embedder(x_noised)  # (N, L, H)
+    c = model.t_embedder(model.t_proj(t.float()).to(h.dtype)) + model.y_embedder(y)  # (N, H)
+    L = h.shape[1]
+    hh, ww = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    pos = torch.stack([torch.zeros(L, dtype=torch.long), hh.flatten(), ww.flatten()], -1)[None]
+    cos, sin = model.rope.cos_sin(pos)
+    rot = lambda u: torch.cat([-u[..., u.shape[-1] // 2:], u[..., :u.shape[-1] // 2]], -1)
+    for blk in model.blocks:
+        s1, sc1, g1, s2, sc2, g2 = blk.adaLN_modulation(c)[:, None].chunk(6, -1)
+        a = blk.norm1(h) * (1 + sc1) + s1
+        q, k, v = blk.attn.qkv(a).view(1, L, 3, cfg.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k = blk.attn.q_norm(q), blk.attn.k_norm(k)
+        q, k = q * cos + rot(q) * sin, k * cos + rot(k) * sin
+        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(1, L, -1)
+        h = h + g1 * blk.attn.proj(o)
+        h = h + g2 * blk.mlp(blk.norm2(h) * (1 + sc2) + s2)
+    sh, sc = model.final_layer.adaLN_modulation(c)[:, None].chunk(2, -1)
+    return model.final_layer.linear(model.final_layer.norm_final(h) * (1 + sc) + sh)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_block_per_image_is_plain_dit(backend):
+    model = randomised(tiny(backend))
+    img = torch.randn(2, 4, 4, dtype=torch.float64)
+    packed = pack([Sample([Image(img, block=None)], label=3)], PackSpec())
+    noised = torch.randn(1, 16, 2, dtype=torch.float64)
+    patches = packed.patches.double().clone()
+    patches[packed.noisy.bool()] = noised[0]
+    t, y = torch.tensor([421]), torch.tensor([3])
+    with torch.no_grad():
+        out = model(model_input(packed, patches, t, y)).eps[packed.noisy.bool()]
+        ref = plain_dit(model, noised, t, y, grid=4)[0]
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+
+
+PAPER_COUNTS = {"ACDiT-B": 130_305_028, "ACDiT-L": 457_851_908, "ACDiT-XL": 674_856_708, "ACDiT-H": 950_959_620}
+
+
+@pytest.mark.parametrize("name", list(PAPER_COUNTS))
+def test_parameter_counts_equal_the_reference(name):
+    with torch.device("meta"):
+        m = ACDiT(imagenet_config(name))
+    assert count_parameters(m) == PAPER_COUNTS[name]
+
+
+def test_parameter_count_command_prints_them():
+    out = subprocess.run([sys.executable, "-m", "unimodal.model"], capture_output=True, text=True, check=True).stdout
+    for name, n in PAPER_COUNTS.items():
+        assert f"{n:,d}" in out and name in out
+
+
+def test_tiny_model_overfits_a_fixed_mixed_batch():
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("ACDiT-Mini", latent_channels=2, patch_size=2, vocab_size=64, num_classes=10)
+    model = ACDiT(cfg)
+    g = torch.Generator().manual_seed(0)
+    sample = Sample([Text(torch.randint(0, 64, (12,), generator=g)),
+                     Image(torch.randn(2, 8, 8, generator=g), block=4),
+                     Video(torch.randn(4, 2, 4, 4, generator=g), frames_per_block=2),
+                     Text(torch.randint(0, 64, (8,), generator=g))], label=5)
+    packed = pack([sample], PackSpec(patch_size=2))
+    sched = train_scheduler()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    t = torch.randint(0, 1000, (packed.n_blocks,), generator=g)
+    lc = LossConfig(class_dropout=0.0)
+    first = last = None
+    for it in range(300):
+        loss, parts = training_loss(model, packed, sched, lc, torch.Generator().manual_seed(1), t=t)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if it == 0:
+            first = {k: float(v) for k, v in parts.items()}
+        last = {k: float(v) for k, v in parts.items()}
+    assert set(first) == {"text", "image"}
+    for k in first:
+        assert last[k] < first[k] / 10, f"{k} loss {first[k]:.4f} -> {last[k]:.4f}"
+
+
+def test_dropping_dead_clean_blocks_changes_no_prediction():
+    model = randomised(tiny("sdpa"))
+    s = Sample([Text(torch.tensor([1, 2, 3])), Image(torch.randn(2, 4, 4, dtype=torch.float64), block=4)], label=2)
+    outs = []
+    for drop in (False, True):
+        pk = pack([s], PackSpec(drop_dead_clean=drop))
+        t = torch.arange(pk.n_blocks) * 97
+        with torch.no_grad():
+            eps = model(model_input(pk, pk.patches.double(), t, torch.full_like(t, 2))).eps
+        outs.append(eps[pk.noisy.bool()])
+    assert outs[0].shape == outs[1].shape
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-12, rtol=1e-12)
