@@ -153,27 +153,79 @@ def attend(q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext) -> Tensor:
 
 def _block_attention(q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext) -> Tensor:
     all_groups = ctx.groups()
+    row = _BlockSDPA.apply if q.device.type == "cpu" else _block_row_autograd
     if len(all_groups) == 1:
-        return _block_row(q, k, v, all_groups[0])
-    return torch.cat([_block_row(q[b:b + 1], k[b:b + 1], v[b:b + 1], g) for b, g in enumerate(all_groups)], 0)
+        return row(q, k, v, all_groups[0])
+    return torch.cat([row(q[b:b + 1], k[b:b + 1], v[b:b + 1], g) for b, g in enumerate(all_groups)], 0)
 
 
-def _block_row(q: Tensor, k: Tensor, v: Tensor, groups: list) -> Tensor:
+def _gather(x: Tensor, ranges) -> Tensor:
+    if len(ranges) == 1:
+        s, e = ranges[0]
+        return x[:, :, s:e]  # (B, H, m, D)
+    return torch.cat([x[:, :, s:e] for s, e in ranges], 2)  # (B, H, m, D)
+
+
+def _additive(mask: Tensor | None, dtype: torch.dtype, device) -> Tensor | None:
+    if mask is None:
+        return None
+    return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask.to(device), float("-inf"))
+
+
+def _block_row_autograd(q: Tensor, k: Tensor, v: Tensor, groups: list) -> Tensor:
     outs = []
     for g in groups:
-        qg = q[:, :, g.q0:g.q1]  # (B, H, n, D)
         if not g.k_ranges:  # padding: each token sees only itself
             outs.append(v[:, :, g.q0:g.q1])
             continue
-        if len(g.k_ranges) == 1:
-            s, e = g.k_ranges[0]
-            kg, vg = k[:, :, s:e], v[:, :, s:e]  # (B, H, m, D)
-        else:
-            kg = torch.cat([k[:, :, s:e] for s, e in g.k_ranges], 2)  # (B, H, m, D)
-            vg = torch.cat([v[:, :, s:e] for s, e in g.k_ranges], 2)  # (B, H, m, D)
         mask = None if g.mask is None else g.mask.to(q.device)
-        outs.append(F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask))  # (B, H, n, D)
+        outs.append(F.scaled_dot_product_attention(q[:, :, g.q0:g.q1], _gather(k, g.k_ranges), _gather(v, g.k_ranges),
+                                                   attn_mask=mask))  # (B, H, n, D)
     return torch.cat(outs, 2)  # (B, H, L, D)
+
+
+class _BlockSDPA(torch.autograd.Function):
+    """One fused-kernel SDPA call per query group (forward and backward), gradients written
+    straight into preallocated dq/dk/dv instead of autograd's per-slice full-size buffers."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, groups: list) -> Tensor:
+        fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        B, H, L, D = q.shape
+        out = q.new_empty(B, L, H, D).transpose(1, 2)  # (B, H, L, D), memory as (B, L, H, D)
+        saved = []
+        for g in groups:
+            if not g.k_ranges:
+                out[:, :, g.q0:g.q1] = v[:, :, g.q0:g.q1]
+                saved.append(None)
+                continue
+            mask = _additive(g.mask, q.dtype, q.device)
+            o, lse = fwd(q[:, :, g.q0:g.q1], _gather(k, g.k_ranges), _gather(v, g.k_ranges), attn_mask=mask)
+            out[:, :, g.q0:g.q1] = o  # (B, H, n, D)
+            saved.append((lse, mask))
+        ctx.groups, ctx.saved = groups, saved
+        ctx.save_for_backward(q, k, v, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: Tensor):
+        bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+        q, k, v, out = ctx.saved_tensors
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for g, sv in zip(ctx.groups, ctx.saved):
+            if sv is None:
+                dv[:, :, g.q0:g.q1] += dout[:, :, g.q0:g.q1]
+                continue
+            lse, mask = sv
+            gq, gk, gv = bwd(dout[:, :, g.q0:g.q1], q[:, :, g.q0:g.q1], _gather(k, g.k_ranges),
+                             _gather(v, g.k_ranges), out[:, :, g.q0:g.q1], lse, 0.0, False, attn_mask=mask)
+            dq[:, :, g.q0:g.q1] = gq
+            o = 0
+            for s, e in g.k_ranges:
+                dk[:, :, s:e] += gk[:, :, o:o + e - s]
+                dv[:, :, s:e] += gv[:, :, o:o + e - s]
+                o += e - s
+        return dq, dk, dv, None
 
 
 _FLEX = {}

@@ -1,0 +1,112 @@
+"""SCAM attention forward + backward on CPU: dense-mask SDPA vs the block-structured path.
+
+For each total length L (clean + noised tokens of one image) and block count, prints the
+measured time of each backend and its ratio to the ideal: the FLOPs of the allowed mask
+entries only (forward 4 D, backward 8 D per entry) at the matmul throughput measured in the
+same run. Ends with one RESULT line (16 blocks, the longest L).
+
+    python bench/attention.py                   # fp32 and bf16, L in 512 2048 8192
+    python bench/attention.py --lengths 512 2048 --dtypes fp32
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from unimodal import masks  # noqa: E402
+from unimodal.attention import AttnContext, attend  # noqa: E402
+from unimodal.sequence import Image, PackSpec, Sample, pack  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def timeit(fn, reps: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    return 2 * n ** 3 / timeit(lambda: a @ b, reps, warmup=2)
+
+
+def scam_layout(L: int, blocks: int):
+    n = L // 2  # clean + noised copies
+    side = math.isqrt(n)
+    bs = n // blocks
+    if side * side != n or math.isqrt(bs) ** 2 != bs:
+        raise ValueError(f"L={L} with {blocks} blocks does not give square image blocks")
+    return pack([Sample([Image(torch.zeros(1, side, side), block=bs)])], PackSpec()).layout
+
+
+def run(L: int, blocks: int, dtype: torch.dtype, batch: int, heads: int, head_dim: int, reps: int, peak: float):
+    layout = scam_layout(L, blocks)
+    layout = masks.Layout(layout.doc.expand(batch, -1), layout.step.expand(batch, -1), layout.noisy.expand(batch, -1))
+    allowed = int(masks.dense_mask(layout.row(0)).sum())
+    flops = 12 * head_dim * allowed * batch * heads
+    ideal = flops / peak
+    q, k, v = (torch.randn(batch, heads, L, head_dim, dtype=dtype, requires_grad=True) for _ in range(3))
+    g = torch.randn(batch, heads, L, head_dim, dtype=dtype)
+    row = {"L": L, "blocks": blocks, "density": allowed / L ** 2, "ideal_s": ideal}
+    for backend in ("sdpa", "block"):
+        ctx = AttnContext(layout, None, None, backend)
+        if backend == "sdpa":
+            ctx.dense()
+        else:
+            ctx.groups()
+
+        def step():
+            out = attend(q, k, v, ctx)
+            out.backward(g)
+        t = timeit(step, reps)
+        row[backend] = t
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
+    ap.add_argument("--blocks", type=int, nargs="+", default=[4, 16])
+    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=3)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch {args.batch}, "
+          f"heads {args.heads}, head_dim {args.head_dim}; times are forward + backward")
+    last = None
+    for dname in args.dtypes:
+        dtype = DTYPES[dname]
+        peak = matmul_peak(dtype)
+        print(f"\n[{dname}] matmul peak measured: {peak / 1e12:.3f} TFLOP/s (2048^3)")
+        print(f"{'L':>6} {'blocks':>6} {'density':>8} {'ideal ms':>9} {'sdpa ms':>9} {'x ideal':>8} "
+              f"{'block ms':>9} {'x ideal':>8} {'speed-up':>8}")
+        for L in args.lengths:
+            for nb in args.blocks:
+                r = run(L, nb, dtype, args.batch, args.heads, args.head_dim, args.reps, peak)
+                print(f"{L:>6} {nb:>6} {r['density']:>8.3f} {r['ideal_s'] * 1e3:>9.1f} {r['sdpa'] * 1e3:>9.1f} "
+                      f"{r['sdpa'] / r['ideal_s']:>8.2f} {r['block'] * 1e3:>9.1f} {r['block'] / r['ideal_s']:>8.2f} "
+                      f"{r['sdpa'] / r['block']:>8.2f}", flush=True)
+                if nb == max(args.blocks):
+                    last = (dname, L, nb, r['block'] / r['ideal_s'])
+    dname, L, nb, ratio = last
+    print(f"RESULT block-path time / FLOPs-ideal ({dname}, L={L}, {nb} blocks): {ratio:.2f} (target 1.5)")
+
+
+if __name__ == "__main__":
+    main()
