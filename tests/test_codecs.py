@@ -233,3 +233,45 @@ def test_vae_pipeline_folder_subfolder(tmp_path, saved_vae):
     vae.save_pretrained(tmp_path / "vae")  # a Stable Diffusion pipeline keeps its VAE in vae/
     x = torch.rand(1, 3, 16, 16) * 2 - 1
     torch.testing.assert_close(VAECodec(tmp_path).encode(x), VAECodec(tmp_path / "vae").encode(x))
+
+
+# ----------------------------------------------------------------------------- scripts
+
+def load_script(name):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tokenizers" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"script_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_train_vae_script_tiny_run(tmp_path):
+    from unimodal.data import _pad, image_batch, mnist_arrays
+
+    out = tmp_path / "vae"
+    m = load_script("train_vae").main(["--steps", "3", "--block-out-channels", "8,16,16", "--batch-size", "8",
+                                       "--scale-images", "256", "--eval-images", "64", "--out", str(out)])
+    assert (out / "diffusion_pytorch_model.safetensors").exists() and (out / "metrics.json").exists()
+    codec = VAECodec(out)
+    assert codec.scaling_factor == pytest.approx(m["scaling_factor"]) and m["latent_shape"] == [4, 8, 8]
+    x, _ = mnist_arrays("train")
+    z = codec.encode(image_batch(_pad(x[-512:], 32)))  # other images than the ones that set the scale
+    assert 0.7 < z.std().item() < 1.4  # scaling_factor = 1 / std of the latents
+    tx, _ = mnist_arrays("test")
+    rec = codec.decode(codec.encode(image_batch(_pad(tx[:64], 32))))[:, 0, 2:30, 2:30]
+    rec = ((rec + 1) * 127.5).round().clamp(0, 255).numpy()
+    mse = ((rec - tx[:64].astype(np.float64)) ** 2).reshape(64, -1).mean(1)
+    assert m["psnr_test"] == pytest.approx(np.mean(10 * np.log10(255 ** 2 / mse)), abs=1e-6)
+
+
+def test_train_bpe_script(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(str(t) for t in kjv("all")[:2000]["text"]) + "\n")
+    stats = load_script("train_bpe").main(["--input", str(corpus), "--vocab-size", "300", "--out", str(tmp_path)])
+    assert stats["test_roundtrip_exact"] and stats["vocab_size"] == 300
+    codec = TextCodec.from_file(tmp_path / "tokenizer.json")
+    assert codec.token_id("<|endoftext|>") == 0 and codec.token_id("<boi>") == 1
+    assert codec.decode(codec.encode("And God said")) == "And God said"
