@@ -145,7 +145,9 @@ class ACDiT(nn.Module):
         return c
 
     def forward(self, inp: ModelInput, logits_at: Tensor | None = None, cache=None, n_commit: int = 0,
-                kv_layout: Layout | None = None, return_hidden: bool = False) -> ModelOutput:
+                return_hidden: bool = False) -> ModelOutput:
+        """Training / full forward (cache None), or a cached pass over new tokens whose first
+        `n_commit` (clean) tokens are committed to `cache` (a KVCache) during the pass."""
         B, L = inp.tokens.shape
         x = self.x_embedder(inp.patches)  # (B, L, H)
         if self.tok_embedder is not None:
@@ -153,6 +155,7 @@ class ACDiT(nn.Module):
         c = self.condition(inp.t, inp.y)  # (n_cond, H)
         cos, sin = self.rope.cos_sin(inp.pos)  # (B, 1, L, Dh) each
         backend = choose_backend(self.cfg.attn_backend, inp.layout, x.device, self.training, cache is not None)
+        kv_layout = cache.key_layout(inp.layout) if cache is not None else None
         ctx = AttnContext(inp.layout, cos, sin, backend, cache=cache, kv_layout=kv_layout, n_commit=n_commit)
         ckpt = self.cfg.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for i, blk in enumerate(self.blocks):
@@ -161,7 +164,7 @@ class ACDiT(nn.Module):
             else:
                 x = blk(x, c, inp.cond_index, ctx, i)  # (B, L, H)
         if cache is not None:
-            cache.advance(n_commit)
+            cache.advance(n_commit, inp.layout)
         # noise prediction at noised (conditioned) tokens only
         flat = x.reshape(B * L, -1)  # (B*L, H)
         cidx = inp.cond_index.reshape(-1)  # (B*L,)

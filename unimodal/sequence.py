@@ -170,70 +170,85 @@ class PackSpec:
     drop_dead_clean: bool = False  # omit clean copies nothing can attend to (the last unit of a sample)
 
 
+@dataclass
+class SegmentLayout:
+    """One segment laid out from running position `run` and unit `step` (DESIGN.md section 3)."""
+    kind: str  # "text" | "image" | "video"
+    shape: tuple
+    grid: tuple  # (Hp, Wp, kh, kw) image, (T, Hp, Wp, f) video, () text
+    values: Tensor  # (n,) token ids for text; (nb, bs, P) patch vectors per block
+    pos: Tensor  # (n, A) text; (nb, bs, A) blocks
+    steps: Tensor  # (n,) text: one unit per token; (nb,) blocks: one unit per block
+    targets: Tensor | None  # (n,) next-token targets (text)
+    run: int  # running position after the segment
+    step: int  # next unit after the segment
+
+
+def lay_out(seg: Segment, spec: PackSpec, run: int = 0, step: int = 0, single: bool = True) -> SegmentLayout:
+    """Patchify a segment into tokens/blocks with their positions and units. `single` says the
+    segment is its sample's only one (required by positions="reference")."""
+    p, mrope = spec.patch_size, spec.positions == "mrope"
+    if not mrope and not single:
+        raise ValueError("positions='reference' supports single-segment samples only")
+    if isinstance(seg, Text):
+        ids = seg.tokens.long().flatten()
+        n = ids.numel()
+        if n == 0:
+            raise ValueError("empty text segment")
+        pos = (run + torch.arange(n))[:, None].expand(n, 3) if mrope else torch.arange(n)[:, None]
+        tgt = torch.full((n,), IGNORE, dtype=torch.long)
+        if seg.loss and n > 1:
+            tgt[:-1] = ids[1:]
+        return SegmentLayout("text", (n,), (), ids, pos, step + torch.arange(n), tgt,
+                             run + n if mrope else run, step + n)
+    if isinstance(seg, Image):
+        Hp, Wp, kh, kw = image_block_shape(seg, p)
+        blocks = patchify_image(seg.latent, p, kh, kw)  # (nb, kh*kw, P)
+        pos = _image_positions(Hp, Wp, kh, kw).view(blocks.shape[0], kh * kw, 2)  # (nb, bs, 2)
+        if mrope:
+            pos = torch.cat([torch.zeros_like(pos[..., :1]), pos], -1) + run  # (nb, bs, 3)
+        grid, kind, extent = (Hp, Wp, kh, kw), "image", max(Hp, Wp)
+    elif isinstance(seg, Video):
+        T, C, H, W = seg.latent.shape
+        f = seg.frames_per_block
+        if T % f:
+            raise ValueError(f"video with {T} frames is not divisible into blocks of {f} frames")
+        if H % p or W % p:
+            raise ValueError(f"video latent {tuple(seg.latent.shape)} is not divisible by patch size {p}")
+        Hp, Wp = H // p, W // p
+        blocks = patchify_video(seg.latent, p, f)  # (nb, f*Hp*Wp, P)
+        pos = _video_positions(T, Hp, Wp).view(blocks.shape[0], f * Hp * Wp, 3) + (run if mrope else 0)
+        grid, kind, extent = (T, Hp, Wp, f), "video", max(T, Hp, Wp)
+    else:
+        raise TypeError(f"unknown segment type {type(seg).__name__}")
+    nb = blocks.shape[0]
+    return SegmentLayout(kind, tuple(seg.latent.shape), grid, blocks, pos, step + torch.arange(nb), None,
+                         run + extent if mrope else run, step + nb)
+
+
 def _sample_tokens(sample: Sample, spec: PackSpec, sample_idx: int):
-    """Lay out one sample: returns the per-token lists for its clean stream and its noisy stream."""
-    p = spec.patch_size
+    """Lay out one sample: returns the per-token chunks of its clean stream and its noisy stream."""
     clean, noisy = [], []  # lists of dict chunks
     segs = []
-    run = 0  # running position index (mrope)
-    step = 0
+    run = step = 0
     for si, seg in enumerate(sample.segments):
-        if isinstance(seg, Text):
-            ids = seg.tokens.long().flatten()
-            n = ids.numel()
-            if n == 0:
-                raise ValueError(f"sample {sample_idx} segment {si}: empty text segment")
-            if spec.positions == "mrope":
-                pos = (run + torch.arange(n))[:, None].expand(n, 3)
-                run += n
-            else:
-                if len(sample.segments) > 1:
-                    raise ValueError("positions='reference' supports single-segment samples only")
-                pos = torch.arange(n)[:, None]
-            tgt = torch.full((n,), IGNORE, dtype=torch.long)
-            if seg.loss and n > 1:
-                tgt[:-1] = ids[1:]
-            clean.append(dict(kind=TEXT, tokens=ids, patches=None, step=step + torch.arange(n), pos=pos,
-                              tgt=tgt, seg=si, block=None))
-            segs.append(("text", (n,), si))
-            step += n
+        try:
+            lay = lay_out(seg, spec, run, step, single=len(sample.segments) == 1)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"sample {sample_idx} segment {si}: {e}") from None
+        run, step = lay.run, lay.step
+        if lay.kind == "text":
+            clean.append(dict(kind=TEXT, tokens=lay.values, patches=None, step=lay.steps, pos=lay.pos,
+                              tgt=lay.targets, seg=si, block=None))
+            segs.append(("text", lay.shape, si))
             continue
-        if isinstance(seg, Image):
-            Hp, Wp, kh, kw = image_block_shape(seg, p)
-            blocks = patchify_image(seg.latent, p, kh, kw)  # (nb, kh*kw, P)
-            hw = _image_positions(Hp, Wp, kh, kw).view(blocks.shape[0], kh * kw, 2)
-            if spec.positions == "mrope":
-                pos = torch.cat([torch.zeros_like(hw[..., :1]), hw], -1) + run  # (nb, bs, 3)
-                run += max(Hp, Wp)
-            else:
-                pos = hw
-            grid, kind = (Hp, Wp, kh, kw), "image"
-        elif isinstance(seg, Video):
-            T, C, H, W = seg.latent.shape
-            f = seg.frames_per_block
-            if T % f:
-                raise ValueError(f"video with {T} frames is not divisible into blocks of {f} frames")
-            if H % p or W % p:
-                raise ValueError(f"video latent {tuple(seg.latent.shape)} is not divisible by patch size {p}")
-            Hp, Wp = H // p, W // p
-            blocks = patchify_video(seg.latent, p, f)  # (nb, f*Hp*Wp, P)
-            thw = _video_positions(T, Hp, Wp).view(blocks.shape[0], f * Hp * Wp, 3)
-            pos = thw + run if spec.positions == "mrope" else thw
-            if spec.positions == "mrope":
-                run += max(T, Hp, Wp)
-            grid, kind = (T, Hp, Wp, f), "video"
-        else:
-            raise TypeError(f"sample {sample_idx} segment {si}: unknown segment type {type(seg).__name__}")
-        if spec.positions != "mrope" and len(sample.segments) > 1:
-            raise ValueError("positions='reference' supports single-segment samples only")
-        nb, bs, _ = blocks.shape
+        nb, bs, _ = lay.values.shape
         for b in range(nb):
-            chunk = dict(kind=BLOCK, tokens=None, patches=blocks[b], step=torch.full((bs,), step), pos=pos[b],
-                         tgt=None, seg=si, block=b)
+            chunk = dict(kind=BLOCK, tokens=None, patches=lay.values[b], step=lay.steps[b].expand(bs),
+                         pos=lay.pos[b], tgt=None, seg=si, block=b)
             clean.append(chunk)
             noisy.append(chunk)
-            step += 1
-        segs.append((kind, tuple(seg.latent.shape), si, grid, nb))
+        segs.append((lay.kind, lay.shape, si, lay.grid, nb))
     if spec.drop_dead_clean and clean and clean[-1]["kind"] == BLOCK:
         clean.pop()  # the sample's last unit: no later token attends its clean copy
     return clean, noisy, segs

@@ -1,0 +1,205 @@
+"""The KV cache and the samplers: every cached pass equals one full forward of the sequence so far
+under the training mask; cached and recomputed sampling agree; shared-cache guidance equals two
+separate streams; text decoding controls."""
+import random
+
+import pytest
+import torch
+
+from unimodal.config import ModelConfig
+from unimodal.masks import Layout
+from unimodal.model import ACDiT, ModelInput
+from unimodal.sampling import SequenceSampler, sample_images, sample_videos
+from unimodal.sequence import PackSpec
+
+from test_model import randomised
+
+SPEC = PackSpec(patch_size=1, latent_channels=2)
+
+
+def model_fp32(backend="sdpa") -> ACDiT:
+    cfg = ModelConfig.preset("ACDiT-Micro", latent_channels=2, patch_size=1, vocab_size=40, num_classes=10,
+                             attn_backend=backend)
+    m = randomised(ACDiT(cfg))
+    with torch.no_grad():  # keep activations in a sane range for fp32 comparisons
+        for p in m.parameters():
+            p.mul_(0.5)
+    return m
+
+
+class FullForwardOracle:
+    """After every cached pass: run the whole sequence so far (committed history + this pass's
+    tokens) through the model without cache, under the training mask, and compare."""
+
+    def __init__(self):
+        self.max_eps = self.max_logit = 0.0
+        self.passes = 0
+
+    def __call__(self, sampler, inp: ModelInput, n_commit: int, out):
+        rows = inp.tokens.shape[0]
+        hist = sampler.history
+        if hist:
+            h_ids = torch.cat([h.ids for h in hist], 1).repeat(sampler.S, 1)
+            h_patch = torch.cat([h.patches for h in hist], 1).repeat(sampler.S, 1, 1)
+            h_text = torch.cat([h.is_text for h in hist])[None].expand(rows, -1)
+            h_step = torch.cat([h.step for h in hist])[None].expand(rows, -1)
+            h_pos = torch.cat([h.pos for h in hist])[None].expand(rows, -1, -1)
+        else:
+            h_ids, h_patch = inp.tokens[:, :0], inp.patches[:, :0]
+            h_text, h_step, h_pos = inp.is_text[:, :0], inp.layout.step[:, :0], inp.pos[:, :0]
+        nh = h_ids.shape[1]
+        full = ModelInput(
+            torch.cat([h_ids, inp.tokens], 1), torch.cat([h_patch.to(inp.patches.dtype), inp.patches], 1),
+            torch.cat([h_text, inp.is_text], 1),
+            Layout(torch.zeros(rows, nh + inp.tokens.shape[1], dtype=torch.long),
+                   torch.cat([h_step, inp.layout.step], 1), torch.cat([torch.zeros_like(h_step), inp.layout.noisy], 1)),
+            torch.cat([h_pos, inp.pos], 1), torch.cat([torch.full_like(h_step, -1), inp.cond_index], 1), inp.t, inp.y)
+        logits_at = None
+        if out.logits is not None:
+            logits_at = torch.zeros(rows, full.tokens.shape[1], dtype=torch.bool)
+            last = nh + n_commit - 1
+            logits_at[:sampler.B, last] = True
+        ref = sampler.model(full, logits_at=logits_at)
+        self.max_eps = max(self.max_eps, float((ref.eps[:, nh:] - out.eps).abs().max()))
+        if out.logits is not None:
+            self.max_logit = max(self.max_logit, float((ref.logits - out.logits).abs().max()))
+        self.passes += 1
+
+
+def random_program(sampler: SequenceSampler, rng: random.Random):
+    """A random mixed sequence: prompts, generated text, images and videos with random block sizes."""
+    outs = []
+    for _ in range(rng.randint(2, 4)):
+        kind = rng.choice(["prompt", "text", "image", "video"])
+        if kind == "prompt" or (kind == "text" and not sampler.pending and not sampler.history):
+            sampler.feed_text(torch.randint(0, 40, (sampler.B, rng.randint(1, 4))))
+            if kind == "text":
+                outs.append(sampler.text(rng.randint(1, 3), temperature=rng.choice([0, 1.0]), top_k=5))
+        elif kind == "text":
+            if not sampler.pending or not bool(sampler.pending[-1].is_text[-1]):
+                sampler.feed_text(torch.randint(0, 40, (sampler.B, 1)))  # a marker after a block
+            outs.append(sampler.text(rng.randint(1, 3), temperature=rng.choice([0, 1.0]), top_k=5))
+        elif kind == "image":
+            k = rng.choice([1, 2, 4])
+            outs.append(sampler.image(2, 4, 4, block=k * k))
+        else:
+            f = rng.choice([1, 2])
+            outs.append(sampler.video(2 * f, 2, 2, 2, frames_per_block=f))
+    if not outs:
+        outs.append(sampler.image(2, 4, 4, block=4))
+    return outs
+
+
+@pytest.mark.parametrize("guided", [False, True])
+def test_every_cached_pass_equals_the_full_forward(guided):
+    model = model_fp32()
+    for seed in range(6):
+        rng = random.Random(seed)
+        oracle = FullForwardOracle()
+        labels = torch.tensor([3, 7]) if guided else None
+        s = SequenceSampler(model, SPEC, 2, labels=labels, cfg_scale=2.0 if guided else 1.0, steps=3,
+                            generator=torch.Generator().manual_seed(seed), on_pass=oracle)
+        random_program(s, rng)
+        assert oracle.passes == s.passes > 0
+        assert oracle.max_eps < 1e-5 and oracle.max_logit < 1e-5, (seed, oracle.max_eps, oracle.max_logit)
+
+
+def test_a_finished_block_costs_no_extra_pass():
+    model = model_fp32()
+    s = SequenceSampler(model, SPEC, 1, steps=4)
+    s.image(2, 4, 4, block=4)  # 4 blocks x 4 steps
+    assert s.passes == 16 and s.cache.length == 3 * 4  # the last block is never committed: nothing follows
+    s.feed_text(torch.tensor([[5]]))
+    s.text(2, temperature=0)
+    assert s.passes == 18 and s.cache.length == 4 * 4 + 2
+
+
+@pytest.mark.parametrize("scheduler", ["dpm", "ddim", "ddpm"])
+def test_cached_and_recomputed_sampling_give_the_same_samples(scheduler):
+    model = model_fp32()
+    outs = []
+    for mode in ("cache", "recompute"):
+        s = SequenceSampler(model, SPEC, 2, labels=torch.tensor([1, 2]), cfg_scale=1.5, scheduler=scheduler,
+                            steps=4, generator=torch.Generator().manual_seed(5), mode=mode)
+        s.feed_text(torch.tensor([[1, 2, 3], [4, 5, 6]]))
+        img = s.image(2, 4, 4, block=4)
+        s.feed_text(torch.tensor([[9], [9]]))
+        txt = s.text(4, temperature=0.8, top_k=10, top_p=0.9)
+        vid = s.video(4, 2, 2, 2, frames_per_block=2)
+        outs.append((img, txt, vid))
+    (i1, t1, v1), (i2, t2, v2) = outs
+    torch.testing.assert_close(i1, i2, atol=1e-5, rtol=1e-5)
+    assert torch.equal(t1, t2)
+    torch.testing.assert_close(v1, v2, atol=1e-5, rtol=1e-5)
+
+
+def test_shared_cache_guidance_equals_two_separate_streams():
+    model = model_fp32()
+    res = []
+    for shared in (True, False):
+        s = SequenceSampler(model, SPEC, 3, labels=torch.tensor([0, 4, 9]), cfg_scale=2.5, steps=5,
+                            generator=torch.Generator().manual_seed(2), shared_cache=shared)
+        res.append(s.image(2, 4, 4, block=4))
+        if shared:
+            assert s.cache.kv.shape[2] == 3
+        else:
+            assert s.cache.kv.shape[2] == 6
+    torch.testing.assert_close(res[0], res[1], atol=1e-5, rtol=1e-5)
+
+
+def test_guidance_formula_against_unguided_streams():
+    """eps = uncond + s (cond - uncond): one guided step equals the combination of two unguided runs."""
+    model = model_fp32()
+    outs = {}
+    for name, labels, scale in (("cond", torch.tensor([3]), 1.0), ("uncond", None, 1.0), ("cfg", torch.tensor([3]), 3.0)):
+        rec = []
+        s = SequenceSampler(model, SPEC, 1, labels=labels, cfg_scale=scale, steps=1, scheduler="ddim",
+                            generator=torch.Generator().manual_seed(0),
+                            on_pass=lambda smp, inp, nc, out: rec.append(out.eps.clone()))
+        s.image(2, 2, 2)
+        outs[name] = rec[0]
+    c, u, g = outs["cond"][0], outs["uncond"][0], outs["cfg"]
+    torch.testing.assert_close(g[0], c, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(g[1], u, atol=1e-6, rtol=1e-6)
+
+
+def test_video_longer_than_training_block_by_block():
+    model = model_fp32()
+    oracle = FullForwardOracle()
+    s = SequenceSampler(model, SPEC, 1, labels=torch.tensor([2]), steps=2, on_pass=oracle)
+    v = s.video(16, 2, 2, 2, frames_per_block=2)  # 8 blocks
+    assert v.shape == (1, 16, 2, 2, 2) and torch.isfinite(v).all()
+    assert oracle.max_eps < 1e-5
+
+
+def test_text_decoding_controls():
+    model = model_fp32()
+    s = SequenceSampler(model, SPEC, 2, steps=1)
+    s.feed_text(torch.tensor([[1, 2], [3, 4]]))
+    greedy_first = []
+    s.on_pass = lambda smp, inp, nc, out: greedy_first.append(out.logits.argmax(-1))
+    toks = s.text(3, temperature=0)
+    assert torch.equal(toks[:, 0], greedy_first[0])
+    # stop tokens: a row that emits one keeps emitting it, and the stream ends when all rows stop
+    s2 = SequenceSampler(model, SPEC, 2, steps=1, generator=torch.Generator().manual_seed(0))
+    s2.feed_text(torch.tensor([[1, 2], [3, 4]]))
+    toks = s2.text(50, temperature=1.0, stop=list(range(0, 40, 2)))
+    for row in toks:
+        hit = (row % 2 == 0).nonzero()
+        if len(hit):
+            assert (row[hit[0, 0]:] == row[hit[0, 0]]).all()
+    assert toks.shape[1] <= 50
+    # top-k = 1 is greedy
+    s3 = SequenceSampler(model, SPEC, 2, steps=1, generator=torch.Generator().manual_seed(1))
+    s3.feed_text(torch.tensor([[1, 2], [3, 4]]))
+    s4 = SequenceSampler(model, SPEC, 2, steps=1)
+    s4.feed_text(torch.tensor([[1, 2], [3, 4]]))
+    assert torch.equal(s3.text(5, temperature=1.0, top_k=1), s4.text(5, temperature=0))
+
+
+def test_convenience_samplers_shapes():
+    model = model_fp32()
+    x = sample_images(model, SPEC, torch.tensor([1, 2]), (2, 4, 4), block=4, cfg_scale=1.5, steps=2)
+    assert x.shape == (2, 2, 4, 4)
+    v = sample_videos(model, SPEC, torch.tensor([1]), (4, 2, 2, 2), frames_per_block=2, steps=2)
+    assert v.shape == (1, 4, 2, 2, 2)
