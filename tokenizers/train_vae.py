@@ -33,7 +33,7 @@ from unimodal.data import _pad, image_batch, mnist_arrays  # noqa: E402
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/vae-mnist-f4", help="output directory for save_pretrained")
-    p.add_argument("--block-out-channels", default="32,64,64",
+    p.add_argument("--block-out-channels", default="16,32,32",
                    help="encoder/decoder widths; n widths give a downsampling factor of 2^(n-1)")
     p.add_argument("--latent-channels", type=int, default=4)
     p.add_argument("--layers-per-block", type=int, default=1)

@@ -168,8 +168,8 @@ def _mnist_convert(out: Path) -> None:
 def mnist_arrays(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     """MNIST as plain arrays: uint8 (N,28,28), int64 (N,). train 60k (train + val), test 10k."""
     _split_names(split, ("train", "test"))
-    d = _derived("mnist-v1")
-    if not (d / "test_labels.npy").exists():
+    d = _derived("mnist") / "arrays"
+    if not d.exists():
         _atomic_dir(d, _mnist_convert)
     return np.load(d / f"{split}_images.npy"), np.load(d / f"{split}_labels.npy")
 
@@ -196,7 +196,7 @@ def mnist(split: str = "train", size: int = 28):
 
     if size != 28:
         return _numpy(build(split, size))
-    d = _derived("mnist-v1") / f"hf-{split}"
+    d = _derived("mnist") / f"hf-{split}"
     if not d.exists():
         _atomic_dir(d, lambda tmp: build(split, 28).save_to_disk(str(tmp)))
     return _numpy(load_from_disk(str(d)))
@@ -630,7 +630,8 @@ def decode_video(path, frames: int | None = None, stride: int = 1, start: int | 
             for n, frame in enumerate(container.decode(stream), 1):
                 i = n - 1
                 if i >= start and (i - start) % stride == 0:
-                    out.append(_resize_frame(frame.to_image(), size))  # (H,W,3)
+                    rgb = frame.to_ndarray(format="rgb24") if size is None else _resize_frame(frame.to_image(), size)
+                    out.append(rgb)  # (H,W,3)
                 if last is not None and i >= last:
                     break
         except (av.FFmpegError, OSError) as e:
