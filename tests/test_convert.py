@@ -326,6 +326,27 @@ def test_cli_refusal(tmp_path, capsys):
     assert_nothing_written(tmp_path, tmp_path / "out")
 
 
+def test_sample_command(tmp_path, capsys):
+    """python -m unimodal.convert sample: latents, and PNGs decoded by a (tiny, random) SD-style VAE."""
+    from diffusers import AutoencoderKL
+    from PIL import Image as PILImage
+    src = tmp_path / "image.pt"
+    torch.save(ref_checkpoint("image"), src)
+    ckpt = C.convert(src, tmp_path / "conv")
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8),
+                        layers_per_block=1, latent_channels=4, norm_num_groups=4)
+    vae.save_pretrained(tmp_path / "vae")
+    out = tmp_path / "samples"
+    assert C.main(["sample", str(ckpt), str(out), "--labels", "3", "7", "--steps", "2", "--device", "cpu",
+                   "--vae", str(tmp_path / "vae")]) == 0
+    lat = np.load(out / "latents.npy")
+    assert lat.shape == (2, 4, 8, 8) and np.isfinite(lat).all()
+    assert PILImage.open(out / "0001_class7.png").size == (64, 64)
+    assert C.main(["sample", str(ckpt), str(out), "--labels", "1000"]) == 2
+    assert "outside 0..999" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- refusals
 
 class Foreign:
