@@ -456,12 +456,14 @@ def test_existing_output(tmp_path):
 
 # ----------------------------------------------------------------------------- parity with the reference
 
-def _packed_forward(model, info, inp):
-    """The reference's training inputs (N, T, B, C) as one packed batch of single-segment samples,
-    run through the converted model; returns its noised-token outputs in the reference layout."""
+def _packed_forward(model, info, inp, one_row: bool = False):
+    """The reference's training inputs (N, T, B, C) as one packed batch of single-segment samples
+    (one row each, or all in one row), run through the converted model; returns its noised-token
+    outputs in the reference layout."""
     clean, noised = inp["clean"], inp["noised"]
     samples = [info.sample(info.from_reference_tokens(clean[n]), int(inp["y"][n])) for n in range(clean.shape[0])]
-    packed = pack(samples, info.pack)
+    packed = pack(samples, info.pack, max_len=2 * clean[0].numel() // clean.shape[-1] * len(samples) if one_row else None)
+    assert packed.tokens.shape[0] == (1 if one_row else len(samples))
     patches = packed.patches.clone()
     recs = [r for r in packed.records]
     assert [r.sample for r in recs] == list(range(clean.shape[0]))
@@ -478,13 +480,13 @@ def _packed_forward(model, info, inp):
     return torch.stack([out.eps[r.row, r.noisy_idx] for r in recs])  # (N, T*B, C)
 
 
-@pytest.mark.parametrize("backend", ["auto", "sdpa"])
+@pytest.mark.parametrize("backend,one_row", [("auto", False), ("sdpa", False), ("auto", True)])
 @pytest.mark.parametrize("kind", ["image", "video"])
-def test_training_forward_matches_reference(kind, backend, tmp_path):
+def test_training_forward_matches_reference(kind, backend, one_row, tmp_path):
     o = oracle(kind)
     model, info = converted(kind, tmp_path)
     model.cfg.attn_backend = backend
-    got = _packed_forward(model, info, ref_inputs(kind))
+    got = _packed_forward(model, info, ref_inputs(kind), one_row)
     want = torch.from_numpy(o["forward"])
     assert got.shape == want.shape
     err = (got - want).abs().max().item()
