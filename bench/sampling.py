@@ -1,0 +1,119 @@
+"""Cached sampling vs full recomputation, against the FLOP ratio the paper's analysis predicts.
+
+FLOP model (ACDiT section 4.3): each forward pass costs, per layer, 24 d^2 per token for the
+dense layers (QKV 6, projection 2, MLP 16) plus 4 d per allowed (query, key) pair for
+attention. With the KV cache a solver step of block k runs the B noised tokens (plus, on its
+first step, the previous block's pending clean tokens) against a context of k B clean tokens;
+full recomputation runs the whole sequence so far (k B clean + B noised) under the training
+mask. The predicted speed-up is the ratio of these totals over the whole generation.
+
+Part 1 prints measured wall-time ratios beside that prediction for a tiny config at 4, 16 and
+64 blocks and an ACDiT-B-shaped config at 4 blocks. Part 2 prints cached sampling time against
+the number of blocks at total lengths 1k, 4k and 16k tokens (the shape of the paper's Fig. 6).
+
+    python bench/sampling.py            # a few minutes
+    python bench/sampling.py --quick    # smaller part 2
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from unimodal.config import ModelConfig  # noqa: E402
+from unimodal.model import ACDiT  # noqa: E402
+from unimodal.sampling import SequenceSampler  # noqa: E402
+from unimodal.sequence import PackSpec  # noqa: E402
+
+
+def predicted_flops(n_blocks: int, block: int, steps: int, depth: int, d: int, cached: bool, streams: int = 1) -> float:
+    """Total forward FLOPs of generating n_blocks blocks of `block` tokens with `steps` solver steps."""
+    dense, attn = 24 * d * d, 4 * d
+    total = 0.0
+    for k in range(n_blocks):
+        ctx = k * block  # committed clean tokens before block k
+        for s in range(steps):
+            if cached:
+                pend = block if (k > 0 and s == 0) else 0  # the previous block's clean copy, committed now
+                tokens = streams * (block + pend)
+                # pending clean tokens see the cache before them and their own block; noised tokens
+                # see all ctx clean tokens and their own block
+                pairs = streams * (pend * ctx + block * (ctx + block))
+            else:
+                tokens = streams * (ctx + block)
+                clean_pairs = block * block * k * (k + 1) // 2  # block-causal over k clean blocks
+                pairs = streams * (clean_pairs + block * (ctx + block))
+            total += depth * (dense * tokens + attn * pairs)
+    return total
+
+
+def time_sampling(model, spec, labels, C, H, W, blk, steps, mode, cfg_scale) -> float:
+    s = SequenceSampler(model, spec, labels.shape[0], labels, cfg_scale=cfg_scale, steps=steps,
+                        max_len=H * W + 64, generator=torch.Generator().manual_seed(0), mode=mode)
+    t0 = time.perf_counter()
+    s.image(C, H, W, block=blk)
+    return time.perf_counter() - t0
+
+
+def tiny_model(depth=6, hidden=256, heads=4, channels=4) -> ACDiT:
+    cfg = ModelConfig(depth=depth, hidden_size=hidden, num_heads=heads, latent_channels=channels, patch_size=1,
+                      num_classes=10, rope_max_pos=(16384, 16384, 16384))
+    return ACDiT(cfg).eval()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=5, help="solver steps per block in part 1")
+    ap.add_argument("--fig6-steps", type=int, default=2, help="solver steps per block in part 2")
+    ap.add_argument("--quick", action="store_true", help="part 2 at 1k and 4k tokens only")
+    ap.add_argument("--skip-b", action="store_true", help="skip the ACDiT-B-shaped row")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    spec = PackSpec(patch_size=1, latent_channels=4)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, batch 1, {args.steps} solver steps")
+    print("\nPart 1: full recomputation / cached sampling")
+    print(f"{'config':<16} {'blocks':>6} {'tokens':>6} {'cached s':>9} {'recompute s':>11} {'measured':>9} "
+          f"{'predicted':>9} {'ratio':>6}")
+    rows = []
+    configs = [("tiny", tiny_model(), 32, n) for n in (4, 16, 64)]
+    if not args.skip_b:
+        bcfg = ModelConfig.preset("ACDiT-B", latent_channels=4, patch_size=1, num_classes=1000)
+        configs.append(("ACDiT-B-shaped", ACDiT(bcfg).eval(), 32, 4))
+    for name, model, side, nb in configs:
+        n = side * side
+        blk = n // nb
+        labels = torch.zeros(1, dtype=torch.long)
+        tc = time_sampling(model, spec, labels, 4, side, side, blk, args.steps, "cache", 1.0)
+        tr = time_sampling(model, spec, labels, 4, side, side, blk, args.steps, "recompute", 1.0)
+        cfg = model.cfg
+        pred = predicted_flops(nb, blk, args.steps, cfg.depth, cfg.hidden_size, False) / \
+            predicted_flops(nb, blk, args.steps, cfg.depth, cfg.hidden_size, True)
+        rows.append((tr / tc) / pred)
+        print(f"{name:<16} {nb:>6} {n:>6} {tc:>9.2f} {tr:>11.2f} {tr / tc:>9.2f} {pred:>9.2f} {(tr / tc) / pred:>6.2f}",
+              flush=True)
+    print(f"\nPart 2: cached sampling time vs number of blocks (tiny config, {args.fig6_steps} steps per block)")
+    lengths = [1024, 4096] if args.quick else [1024, 4096, 16384]
+    model = tiny_model()
+    print(f"{'tokens':>6} " + " ".join(f"{'blocks=' + str(b):>11}" for b in (1, 4, 16, 64, 256)))
+    for L in lengths:
+        side = math.isqrt(L)
+        cells = []
+        for nb in (1, 4, 16, 64, 256):
+            blk = L // nb
+            if math.isqrt(blk) ** 2 != blk and nb != 1:
+                cells.append(f"{'-':>11}")
+                continue
+            t = time_sampling(model, spec, torch.zeros(1, dtype=torch.long), 4, side, side, blk if nb > 1 else None,
+                              args.fig6_steps, "cache", 1.0)
+            cells.append(f"{t:>10.2f}s")
+        print(f"{L:>6} " + " ".join(cells), flush=True)
+    print(f"RESULT cached speed-up / predicted FLOP ratio (worst of part 1): {min(rows):.2f} (target 0.8)")
+
+
+if __name__ == "__main__":
+    main()
