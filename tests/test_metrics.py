@@ -302,7 +302,7 @@ def test_inception_fid_separates_real_from_degraded(inception):
 
 def test_mnist_classifier_reaches_99_percent():
     net = mnist_net.load()  # the cached net; trained on first use
-    assert mnist_net.test_accuracy(net) >= 0.99
+    assert mnist_net.accuracy(net) >= 0.99
     x = mnist_arrays("test")[0][:8]
     logits = mnist_net.classify(x)
     assert logits.shape == (8, 10) and mnist_net.features(x).shape == (8, mnist_net.FEATURES)
@@ -314,7 +314,7 @@ def test_mnist_classifier_reaches_99_percent():
 @pytest.mark.slow
 def test_mnist_classifier_trains_from_scratch(tmp_path):
     net = mnist_net.train(tmp_path / "net.safetensors", progress=False)
-    assert mnist_net.test_accuracy(net) >= 0.99
+    assert mnist_net.accuracy(net) >= 0.99
     again = mnist_net.load(tmp_path / "net.safetensors", train_if_missing=False)
     x = mnist_arrays("test")[0][:16]
     torch.testing.assert_close(mnist_net.classify(x, again), mnist_net.classify(x, net))

@@ -1,7 +1,7 @@
 """A small MNIST classifier trained by the project: class accuracy and a Frechet distance in its
 feature space for generated digits.
 
-Trained on the 60k MNIST train split in about a minute on a 2-core CPU (>= 99% test accuracy),
+Trained on the 60k MNIST train split in 1-2 minutes on an idle 2-core CPU (99.2% test accuracy),
 saved with safetensors in the asset cache and loaded from there afterwards.
 
     python -m unimodal.mnist_net            # train if not cached, print test accuracy
@@ -135,18 +135,19 @@ def _cached() -> MnistNet:
 @torch.no_grad()
 def classify(images, net: MnistNet | None = None, batch_size: int = 1000) -> torch.Tensor:
     """MNIST images (uint8 (N, 28, 28) or float in [0, 1]) -> logits (N, 10)."""
-    net = net or _cached()
+    net = net if net is not None else _cached()
     return torch.cat([net(x) for x in to_input(images).split(batch_size)])  # (N, 10)
 
 
 @torch.no_grad()
 def features(images, net: MnistNet | None = None, batch_size: int = 1000) -> torch.Tensor:
     """MNIST images (uint8 (N, 28, 28) or float in [0, 1]) -> penultimate features (N, 128)."""
-    net = net or _cached()
+    net = net if net is not None else _cached()
     return torch.cat([net.features(x) for x in to_input(images).split(batch_size)])  # (N, 128)
 
 
-def test_accuracy(net: MnistNet | None = None) -> float:
+def accuracy(net: MnistNet | None = None) -> float:
+    """Top-1 accuracy on the 10k MNIST test split."""
     from unimodal.data import mnist_arrays
 
     images, labels = mnist_arrays("test")
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     t = time.time()
     net = train(args.path, epochs=args.epochs) if args.retrain else load(args.path)
     print(f"mnist_net ready in {time.time() - t:.1f}s: {args.path or default_path()}")
-    print(f"test accuracy: {test_accuracy(net):.4f}")
+    print(f"test accuracy: {accuracy(net):.4f}")
 
 
 if __name__ == "__main__":
