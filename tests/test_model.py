@@ -168,3 +168,22 @@ def test_dropping_dead_clean_blocks_changes_no_prediction():
         outs.append(eps[pk.noisy.bool()])
     assert outs[0].shape == outs[1].shape
     torch.testing.assert_close(outs[0], outs[1], atol=1e-12, rtol=1e-12)
+
+
+def test_block_broadcast_modulation_equals_per_token_lookup(monkeypatch):
+    """The per-block broadcast fast path computes what the per-token table lookup computes."""
+    from unimodal import model as M
+    model = randomised(tiny("sdpa"))
+    samples = [Sample([Image(torch.randn(2, 4, 4, dtype=torch.float64), block=4)], label=i) for i in range(3)]
+    pk = pack(samples, PackSpec())
+    assert M.Modulation(model_input(pk, pk.patches, torch.zeros(pk.n_blocks), pk.block_label).cond_index).fast
+    t = torch.arange(pk.n_blocks) * 61
+    x = pk.patches.double().requires_grad_()
+    outs = []
+    for plan in (M.Modulation._plan, lambda ci: None):
+        monkeypatch.setattr(M.Modulation, "_plan", staticmethod(plan))
+        eps = model(model_input(pk, x, t, pk.block_label)).eps
+        g, = torch.autograd.grad(eps.square().sum(), x)
+        outs.append((eps.detach(), g))
+    torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(outs[0][1], outs[1][1], atol=1e-12, rtol=1e-12)

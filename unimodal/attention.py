@@ -139,7 +139,15 @@ def _has_flash() -> bool:
 # ----------------------------------------------------------------------------- the dispatch
 
 def attend(q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext) -> Tensor:
-    """q (B, H, Lq, D), k/v (B, H, Lk, D) -> (B, H, Lq, D) under the context's mask."""
+    """q (B, H, Lq, D), k/v (B, H, Lk, D) -> (B, H, Lq, D) under the context's mask.
+    On CPU, reduced-precision inputs are attended in fp32: the CPU kernels' bf16 backward is
+    slower than their fp32 one, and softmax stays exact."""
+    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and ctx.backend in ("sdpa", "block"):
+        return _attend(q.float(), k.float(), v.float(), ctx).to(q.dtype)
+    return _attend(q, k, v, ctx)
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext) -> Tensor:
     if ctx.backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.dense())
     if ctx.backend == "block":

@@ -96,6 +96,41 @@ def rope_base(max_pos: int) -> int:
     return 100 * max(1, math.ceil(8 * max_pos / (100 * math.pi)))
 
 
+# ----------------------------------------------------------------------------- training
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    decay_frac: float = 0.15  # WSD: the last fraction of training decays the learning rate
+    decay_type: str = "linear"  # transformers' WSD decay: linear | cosine | 1-sqrt
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0  # 0 disables clipping
+    layer_decay: float = 1.0  # layer-wise lr decay (MAE fine-tuning); 1 = off
+
+
+@dataclass
+class TrainConfig:
+    task: Any  # a task config dataclass from tasks/ (its class names the task)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    steps: int = 1000
+    global_batch: int = 64
+    seed: int = 0
+    precision: str = "bf16"  # bf16 autocast with fp32 master weights, or fp32
+    ema_decay: float = 0.9999
+    log_every: int = 10
+    ckpt_every: int = 500
+    sample_every: int = 0  # 0: only at the end
+    keep_checkpoints: int = 2
+    out_dir: str = "runs/default"
+    compile: bool = False
+    init_from: str = ""  # checkpoint directory whose weights initialise the model (fine-tuning, probes)
+    eval_at_end: bool = True
+
+
 # ----------------------------------------------------------------------------- strict replace / overrides
 
 def replace_strict(obj: Any, **kw: Any) -> Any:
@@ -169,5 +204,5 @@ def model_config_from_dict(d: dict) -> ModelConfig:
     return replace_strict(ModelConfig(), **d)
 
 
-__all__ = ["ModelConfig", "PRESETS", "rope_base", "replace_strict", "apply_overrides", "load_config",
+__all__ = ["ModelConfig", "OptimConfig", "TrainConfig", "PRESETS", "rope_base", "replace_strict", "apply_overrides", "load_config",
            "to_dict", "model_config_from_dict", "field", "dataclass"]

@@ -42,12 +42,44 @@ class LossConfig:
     class_dropout: float = 0.1  # probability of replacing a sample's label with the null class
 
 
-def block_labels(packed: Packed, null_class: int, dropout: float, generator: torch.Generator | None) -> Tensor:
-    """(n_blocks,) labels with absent labels and dropped samples mapped to the null class; the
-    drop is drawn once per sample so that all blocks of a sample agree."""
+@dataclass
+class Draws:
+    """The randomness of one training step: per-block timesteps, per-sample label drops, noise."""
+    t: Tensor  # (n_blocks,) long
+    drop: Tensor  # (n_samples,) bool
+    eps: Tensor  # (B, L, P)
+
+
+def draw(packed: Packed, num_train_timesteps: int, dropout: float,
+         generators: list[torch.Generator] | torch.Generator | None = None) -> Draws:
+    """Draw t ~ U{0..T-1} per block, a label drop per sample and eps per noised token.
+    With one generator per sample, each sample's draws depend only on its own generator, so a
+    batch split across processes draws exactly what one process would."""
+    B, L, P = packed.patches.shape
+    if not isinstance(generators, list):
+        t = torch.randint(0, num_train_timesteps, (packed.n_blocks,), generator=generators)
+        drop = torch.rand(packed.n_samples, generator=generators) < dropout
+        eps = torch.randn((B, L, P), generator=generators)
+        return Draws(t, drop, eps)
+    if len(generators) != packed.n_samples:
+        raise ValueError(f"{len(generators)} generators for {packed.n_samples} samples")
+    t = torch.zeros(packed.n_blocks, dtype=torch.long)
+    drop = torch.zeros(packed.n_samples, dtype=torch.bool)
+    eps = torch.zeros(B, L, P)
+    for i, g in enumerate(generators):
+        blocks = torch.nonzero(packed.block_sample == i).flatten()
+        t[blocks] = torch.randint(0, num_train_timesteps, (len(blocks),), generator=g)
+        drop[i] = bool(torch.rand((), generator=g) < dropout)
+        for rec in packed.segments_of(i):
+            if rec.noisy_idx is not None:
+                eps[rec.row, rec.noisy_idx] = torch.randn((len(rec.noisy_idx), P), generator=g)
+    return Draws(t, drop, eps)
+
+
+def block_labels(packed: Packed, null_class: int, drop: Tensor | None = None) -> Tensor:
+    """(n_blocks,) labels with absent labels and dropped samples mapped to the null class."""
     y = packed.block_label.clone()
-    if dropout > 0 and y.numel():
-        drop = torch.rand(packed.n_samples, generator=generator) < dropout  # (n_samples,)
+    if drop is not None and y.numel():
         y = torch.where(drop.to(y.device)[packed.block_sample], torch.full_like(y, -1), y)
     return torch.where(y < 0, torch.full_like(y, null_class), y)
 
@@ -58,28 +90,34 @@ def model_input(packed: Packed, patches: Tensor, t: Tensor, y: Tensor) -> ModelI
     return ModelInput(packed.tokens, patches, packed.kind == TEXT, packed.layout, packed.pos, cond_index, t, y)
 
 
-def noise_blocks(packed: Packed, scheduler: DDPMScheduler, t: Tensor, generator: torch.Generator | None):
-    """Noise the noised copy of every block at its own timestep. Returns (patches, eps) (B, L, P)."""
+def noise_blocks(packed: Packed, scheduler: DDPMScheduler, t: Tensor, eps: Tensor) -> Tensor:
+    """Noise the noised copy of every block at its own timestep: patches (B, L, P)."""
     x0 = packed.patches  # (B, L, P)
-    eps = torch.randn(x0.shape, generator=generator, device="cpu").to(x0.device, x0.dtype)  # (B, L, P)
+    eps = eps.to(x0.device, x0.dtype)  # (B, L, P)
     noisy = packed.noisy.bool()  # (B, L)
     bid = packed.block_id.clamp(min=0)  # (B, L)
     alphas = scheduler.alphas_cumprod.to(x0.device, torch.float32)
     ab = alphas[t.long()][bid]  # (B, L)
     xt = ab.sqrt()[..., None] * x0 + (1 - ab).sqrt()[..., None] * eps  # (B, L, P)
-    patches = torch.where(noisy[..., None], xt.to(x0.dtype), x0)  # (B, L, P)
-    return patches, eps
+    return torch.where(noisy[..., None], xt.to(x0.dtype), x0)  # (B, L, P)
 
 
 def training_loss(model: ACDiT, packed: Packed, scheduler: DDPMScheduler, cfg: LossConfig,
-                  generator: torch.Generator | None = None, t: Tensor | None = None) -> tuple[Tensor, dict]:
-    """One training forward. Returns (total loss, {"text": ce, "image": mse}) with detached parts."""
+                  generator: list[torch.Generator] | torch.Generator | None = None,
+                  t: Tensor | None = None, draws: Draws | None = None) -> tuple[Tensor, dict]:
+    """One training forward. Returns (total loss, {"text": ce, "image": mse}) with detached parts.
+    Randomness comes from `draws`, else from `generator` (one, or one per sample); `t` fixes the
+    timesteps."""
     device = packed.tokens.device
-    nb = packed.n_blocks
-    if t is None:
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (nb,), generator=generator).to(device)
-    y = block_labels(packed, model.null_class, cfg.class_dropout if model.training else 0.0, generator)
-    patches, eps = noise_blocks(packed, scheduler, t, generator)
+    if draws is None:
+        draws = draw(packed, scheduler.config.num_train_timesteps,
+                     cfg.class_dropout if model.training else 0.0, generator)
+    if t is not None:
+        draws = Draws(t.cpu(), draws.drop, draws.eps)
+    t = draws.t.to(device)
+    y = block_labels(packed, getattr(model, "module", model).null_class, draws.drop)
+    eps = draws.eps.to(device)
+    patches = noise_blocks(packed, scheduler, t, eps)
     text_sel = packed.text_target != IGNORE  # (B, L)
     out = model(model_input(packed, patches, t, y), logits_at=text_sel)
     total = torch.zeros((), device=device)

@@ -55,6 +55,70 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
+class Modulation:
+    """Applies adaLN parameters to the conditioned (noised) tokens only; clean and text tokens
+    pass through unmodulated. Built once per forward from `cond_index` (B, L).
+
+    Fast path: when every row's conditioned tokens form one contiguous range made of equal runs
+    (the blocks of a packed sample), parameters are broadcast per block over a view, with no
+    per-token gather. Otherwise a per-token table lookup with an identity row for the rest."""
+
+    def __init__(self, cond_index: Tensor):
+        self.index = cond_index
+        self.B, self.L = cond_index.shape
+        self.fast = self._plan(cond_index)
+
+    @staticmethod
+    def _plan(ci: Tensor):
+        on = ci >= 0  # (B, L)
+        if not bool(on.any()) or not bool((on == on[:1]).all()):
+            return None
+        sel = torch.nonzero(on[0]).flatten()
+        s, e = int(sel[0]), int(sel[-1]) + 1
+        if e - s != sel.numel():
+            return None
+        seg = ci[:, s:e]  # (B, n)
+        change = torch.nonzero(seg[0, 1:] != seg[0, :-1]).flatten()
+        bs = int(change[0]) + 1 if change.numel() else e - s
+        if (e - s) % bs:
+            return None
+        runs = seg.reshape(seg.shape[0], -1, bs)  # (B, nb, bs)
+        if not bool((runs == runs[:, :, :1]).all()):
+            return None
+        return s, e, bs, runs[:, :, 0]  # rows of the table per (row, block)
+
+    def params(self, table: Tensor, k: int) -> list[Tensor]:
+        """table (n_cond, k*H) -> k parameter tensors broadcastable to the conditioned tokens."""
+        if self.fast is not None:
+            idx = self.fast[3]  # (B, nb)
+            return list(table[idx][:, :, None].chunk(k, dim=-1))  # k x (B, nb, 1, H)
+        ident = table.new_zeros(1, k, table.shape[-1] // k)  # (1, k, H): shift 0, scale 0, gate 1
+        if k == 6:
+            ident[:, 2] = 1
+            ident[:, 5] = 1
+        table = torch.cat([ident.view(1, -1), table], 0)  # (1 + n_cond, k*H)
+        return list(table[self.index + 1].chunk(k, dim=-1))  # k x (B, L, H)
+
+    def _split(self, x: Tensor):
+        s, e, bs, _ = self.fast
+        B, _, H = x.shape
+        return x[:, :s], x[:, s:e].reshape(B, -1, bs, H), x[:, e:]
+
+    def modulate(self, h: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+        if self.fast is None:
+            return h * (1 + scale) + shift
+        a, n, b = self._split(h)
+        n = n * (1 + scale) + shift  # (B, nb, bs, H)
+        return torch.cat([a, n.flatten(1, 2), b], 1)  # (B, L, H)
+
+    def residual(self, x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
+        if self.fast is None:
+            return x + gate * y
+        xa, xn, xb = self._split(x)
+        ya, yn, yb = self._split(y)
+        return torch.cat([xa + ya, (xn + gate * yn).flatten(1, 2), xb + yb], 1)  # (B, L, H)
+
+
 class Block(nn.Module):
     """Transformer block; adaLN-Zero modulation for the tokens that carry a conditioning row."""
 
@@ -67,17 +131,10 @@ class Block(nn.Module):
         self.mlp = Mlp(H, int(H * cfg.mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(H, 6 * H))
 
-    def forward(self, x: Tensor, c: Tensor, cond_index: Tensor, ctx: AttnContext, layer: int) -> Tensor:
-        # per-token modulation: row 0 is the identity (shift 0, scale 0, gate 1) for unmodulated tokens
-        table = self.adaLN_modulation(c)  # (n_cond, 6H)
-        ident = table.new_zeros(1, 6, table.shape[-1] // 6)  # (1, 6, H)
-        ident[:, 2] = 1
-        ident[:, 5] = 1
-        table = torch.cat([ident.view(1, -1), table], 0)  # (1 + n_cond, 6H)
-        mod = table[cond_index + 1]  # (B, L, 6H)
-        shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)  # 6 x (B, L, H)
-        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), ctx, layer)  # (B, L, H)
-        x = x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))  # (B, L, H)
+    def forward(self, x: Tensor, c: Tensor, mod: Modulation, ctx: AttnContext, layer: int) -> Tensor:
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod.params(self.adaLN_modulation(c), 6)
+        x = mod.residual(x, self.attn(mod.modulate(self.norm1(x), shift1, scale1), ctx, layer), gate1)  # (B, L, H)
+        x = mod.residual(x, self.mlp(mod.modulate(self.norm2(x), shift2, scale2)), gate2)  # (B, L, H)
         return x
 
 
@@ -157,21 +214,28 @@ class ACDiT(nn.Module):
         backend = choose_backend(self.cfg.attn_backend, inp.layout, x.device, self.training, cache is not None)
         kv_layout = cache.key_layout(inp.layout) if cache is not None else None
         ctx = AttnContext(inp.layout, cos, sin, backend, cache=cache, kv_layout=kv_layout, n_commit=n_commit)
+        mod = Modulation(inp.cond_index)
         ckpt = self.cfg.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for i, blk in enumerate(self.blocks):
             if ckpt:
-                x = checkpoint(blk, x, c, inp.cond_index, ctx, i, use_reentrant=False)  # (B, L, H)
+                x = checkpoint(blk, x, c, mod, ctx, i, use_reentrant=False)  # (B, L, H)
             else:
-                x = blk(x, c, inp.cond_index, ctx, i)  # (B, L, H)
+                x = blk(x, c, mod, ctx, i)  # (B, L, H)
         if cache is not None:
             cache.advance(n_commit, inp.layout)
         # noise prediction at noised (conditioned) tokens only
         flat = x.reshape(B * L, -1)  # (B*L, H)
-        cidx = inp.cond_index.reshape(-1)  # (B*L,)
-        sel = torch.nonzero(cidx >= 0).flatten()  # (N,)
-        eps_sel = self.final_layer(flat[sel], c[cidx[sel]])  # (N, P)
-        eps = torch.zeros(B * L, eps_sel.shape[-1], dtype=eps_sel.dtype, device=x.device)
-        eps = eps.index_copy(0, sel, eps_sel).view(B, L, -1)  # (B, L, P)
+        if mod.fast is not None:
+            s, e, bs, idx = mod.fast
+            xn = x[:, s:e].reshape(B, -1, bs, x.shape[-1])  # (B, nb, bs, H)
+            eps_n = self.final_layer(xn, c[idx][:, :, None]).flatten(1, 2)  # (B, e - s, P)
+            eps = F.pad(eps_n, (0, 0, s, L - e))  # (B, L, P)
+        else:
+            cidx = inp.cond_index.reshape(-1)  # (B*L,)
+            sel = torch.nonzero(cidx >= 0).flatten()  # (N,)
+            eps_sel = self.final_layer(flat[sel], c[cidx[sel]])  # (N, P)
+            eps = torch.zeros(B * L, eps_sel.shape[-1], dtype=eps_sel.dtype, device=x.device)
+            eps = eps.index_copy(0, sel, eps_sel).view(B, L, -1)  # (B, L, P)
         logits = None
         if logits_at is not None and self.tok_embedder is not None:
             h = flat[torch.nonzero(logits_at.reshape(-1)).flatten()]  # (N_text, H)

@@ -1,0 +1,193 @@
+"""Class-conditional image generation (MNIST embedded; ImageNet 256 with SD-VAE latents).
+
+Each image is one sample: a single image segment cut into blocks of `block` patches, labelled
+with its class (dropped to the null class with probability `class_dropout` for guidance).
+Evaluation samples a balanced set of classes with guidance and writes a class grid PNG; on
+MNIST it reports the project classifier's accuracy on the requested classes and the Frechet
+distance to the MNIST test set in that classifier's feature space; with `fid=True` it reports
+Inception FID / IS / precision / recall against a reference set and writes an ADM `.npz`.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from unimodal import data as D
+from unimodal.codecs import PixelCodec, VAECodec
+from unimodal.diffusion import LossConfig, sampling_scheduler, train_scheduler, training_loss
+from unimodal.sampling import SequenceSampler
+from unimodal.sequence import Image, PackSpec, Sample, pack
+from unimodal.visualize import save_image_grid, to_uint8
+
+from .base import Task
+
+
+@dataclass
+class ClassImageConfig:
+    dataset: str = "mnist"  # mnist | an ImageFolder / HF dataset path | a latent cache directory
+    image_size: int = 32  # MNIST is zero-padded from 28
+    num_classes: int = 10
+    codec: str = "pixel"  # pixel | vae
+    vae_path: str = ""  # a local diffusers AutoencoderKL directory (codec = vae)
+    block: int = 64  # patches per block (a square number, or the whole image)
+    hflip: bool = False
+    class_dropout: float = 0.1
+    cfg_scale: float = 1.5
+    sample_steps: int = 25
+    scheduler: str = "dpm"
+    eval_samples: int = 1000  # generated images for the evaluation metrics
+    eval_batch: int = 250
+    fid: bool = False  # Inception FID / IS / precision / recall (slow on CPU)
+    fid_reference: str = ""  # dataset for the FID reference statistics (default: the training set)
+    inception_path: str = ""  # local TorchScript Inception (default: the offline carrier)
+
+
+class ClassImageTask(Task):
+    def __init__(self, cfg, rank=0, world=1, device="cpu"):
+        super().__init__(cfg, rank, world, device)
+        t = self.tc = cfg.task
+        if t.codec == "pixel":
+            self.codec = PixelCodec(channels=cfg.model.latent_channels)
+        elif t.codec == "vae":
+            self.codec = VAECodec(t.vae_path, device=self.device)
+        else:
+            raise ValueError(f"task.codec must be 'pixel' or 'vae', got {t.codec!r}")
+        self.spec = PackSpec(patch_size=cfg.model.patch_size, latent_channels=cfg.model.latent_channels)
+        self.scheduler = train_scheduler()
+        self.loss_cfg = LossConfig(class_dropout=t.class_dropout)
+        self._data = None
+
+    # -------------------------------------------------------------- data
+    def _load(self):
+        if self._data is None:
+            t = self.tc
+            if t.dataset == "mnist":
+                x, y = D.mnist_arrays("train")
+                x = D._pad(x, t.image_size) if t.image_size != 28 else x
+                self._data = ("array", torch.from_numpy(x), torch.from_numpy(y))
+            else:
+                ds = D.build_dataset(t.dataset, "train", **({} if Path(t.dataset, "meta.json").exists()
+                                                           else {"size": t.image_size}))
+                self._data = ("dataset", ds, None)
+        return self._data
+
+    def dataset_size(self) -> int:
+        kind, a, _ = self._load()
+        return len(a)
+
+    def _examples(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        kind, a, b = self._load()
+        if kind == "array":
+            return a[idx], b[idx], False
+        rows = a[idx]
+        if "latent" in rows:
+            return torch.as_tensor(np.asarray(rows["latent"])), torch.as_tensor(np.asarray(rows["label"])), True
+        return torch.as_tensor(np.asarray(rows["image"])), torch.as_tensor(np.asarray(rows["label"])), False
+
+    @torch.no_grad()
+    def encode(self, images_u8: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, H, W) or (N, C, H, W) -> latents (N, c, h, w)."""
+        return self.codec.encode(D.image_batch(images_u8).to(self.device)).float()
+
+    def batch(self, step: int):
+        idx, pos = self.indices(step)
+        x, y, is_latent = self._examples(idx)
+        lat = x.float().to(self.device) if is_latent else self.encode(x)  # (N, c, h, w)
+        gens = self.generators(step, pos)
+        if self.tc.hflip:
+            flip = torch.tensor([bool(torch.rand((), generator=g) < 0.5) for g in gens])
+            lat = torch.where(flip[:, None, None, None].to(lat.device), lat.flip(-1), lat)
+        samples = [Sample([Image(lat[i].cpu(), block=self.tc.block)], label=int(y[i])) for i in range(len(idx))]
+        return pack(samples, self.spec).to(self.device), gens
+
+    def loss(self, model, batch):
+        packed, gens = batch
+        return training_loss(model, packed, self.scheduler, self.loss_cfg, gens)
+
+    # -------------------------------------------------------------- sampling and evaluation
+    def latent_shape(self) -> tuple[int, int, int]:
+        f = self.codec.downsample
+        s = self.tc.image_size // f
+        return (self.cfg.model.latent_channels, s, s)
+
+    @torch.no_grad()
+    def generate(self, model, labels: torch.Tensor, seed: int = 0, steps: int | None = None,
+                 cfg_scale: float | None = None) -> torch.Tensor:
+        """labels (N,) -> images (N, C, H, W) in [-1, 1]."""
+        t = self.tc
+        C, H, W = self.latent_shape()
+        n_tok = (H // self.spec.patch_size) * (W // self.spec.patch_size)
+        s = SequenceSampler(model, self.spec, labels.shape[0], labels, cfg_scale if cfg_scale is not None else t.cfg_scale,
+                            t.scheduler, steps or t.sample_steps, max_len=n_tok + 8,
+                            generator=torch.Generator().manual_seed(seed))
+        z = s.image(C, H, W, block=t.block)  # (N, C, H, W)
+        return self.codec.decode(z.to(self.device).float()).clamp(-1, 1)
+
+    def preview(self, model, out_dir: Path, step: int) -> list[Path]:
+        k = min(self.tc.num_classes, 10)
+        labels = torch.arange(k).repeat_interleave(k)
+        imgs = self.generate(model, labels, seed=step)
+        return [save_image_grid(imgs, Path(out_dir) / f"samples_step{step:07d}.png", nrow=k, scale=2)]
+
+    def evaluate(self, model, out_dir: Path, quick: bool = False) -> dict:
+        t = self.tc
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        n = min(t.eval_samples, 200) if quick else t.eval_samples
+        k = t.num_classes
+        labels = torch.arange(n) % k
+        imgs = []
+        for i, chunk in enumerate(tqdm(labels.split(t.eval_batch), desc="sampling", leave=False)):
+            imgs.append(self.generate(model, chunk, seed=1000 + i).cpu())
+        imgs = torch.cat(imgs)  # (n, C, H, W)
+        g = min(k, 10)
+        grid_labels = torch.arange(g).repeat_interleave(g)
+        grid = self.generate(model, grid_labels, seed=7).cpu()
+        save_image_grid(grid, out_dir / "class_grid.png", nrow=g, scale=3)
+        u8 = to_uint8(imgs)  # (n, C, H, W)
+        np.savez(out_dir / "samples.npz", arr_0=u8.transpose(0, 2, 3, 1), labels=labels.numpy())  # ADM layout NHWC
+        metrics: dict = {"samples": n}
+        if t.dataset == "mnist":
+            metrics.update(mnist_quality(u8[:, 0], labels.numpy(), t.image_size))
+        if t.fid:
+            from unimodal import metrics as M
+            net = M.InceptionFeatures(t.inception_path or None, device=self.device)
+            ref_data = self._reference_images(n_max=10000 if not quick else 500)
+            ref = M.reference_stats(net, ref_data, key=f"{t.fid_reference or t.dataset}-{t.image_size}-{len(ref_data)}")
+            rgb = np.repeat(u8, 3, axis=1) if u8.shape[1] == 1 else u8
+            metrics.update(M.image_metrics(net, rgb.transpose(0, 2, 3, 1), ref))
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        return metrics
+
+    def _reference_images(self, n_max: int) -> np.ndarray:
+        t = self.tc
+        if t.dataset == "mnist":
+            x, _ = D.mnist_arrays("test")
+            x = D._pad(x, t.image_size) if t.image_size != 28 else x
+            return np.repeat(x[:n_max, :, :, None], 3, axis=-1)
+        ds = D.build_dataset(t.fid_reference or t.dataset, "train", size=t.image_size)
+        rows = ds[: min(n_max, len(ds))]
+        return np.asarray(rows["image"]).transpose(0, 2, 3, 1)
+
+
+def mnist_quality(images_u8: np.ndarray, labels: np.ndarray, size: int) -> dict:
+    """Class accuracy of generated digits under the project's MNIST classifier, and the Frechet
+    distance to the MNIST test set in its feature space."""
+    from unimodal import metrics as M
+    from unimodal import mnist_net
+    x = images_u8
+    if size != 28:  # undo the zero padding
+        o = (size - 28) // 2
+        x = x[:, o:o + 28, o:o + 28]
+    net = mnist_net.load()
+    logits = mnist_net.classify(x, net)
+    acc = float((logits.argmax(-1).numpy() == labels).mean())
+    test_x, _ = D.mnist_arrays("test")
+    fd = M.fid_from_features(mnist_net.features(x, net).numpy(), mnist_net.features(test_x, net).numpy())
+    return {"class_accuracy": acc, "frechet_distance_mnist_features": fd}

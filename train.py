@@ -1,0 +1,265 @@
+"""Train any task: config -> task -> model, accelerate, EMA -> one generic loop over task.loss().
+
+    python train.py configs/mnist_class_tiny.py                      # one process
+    python train.py configs/mnist_class_tiny.py steps=200 optim.lr=1e-3 out_dir=runs/try
+    python train.py configs/mnist_class_tiny.py --resume             # continue from out_dir's latest checkpoint
+    torchrun --nproc_per_node 2 train.py configs/mnist_class_tiny.py # DDP over gloo on CPU (NCCL on GPUs)
+    accelerate launch --num_processes 8 train.py configs/imagenet256_acdit_xl.py   # multi-GPU (DDP or FSDP)
+
+Overrides are dotted `key=value` pairs checked against the config dataclasses: an unknown key
+fails. The loop: bf16 autocast (CPU too) over fp32 master weights, AdamW, a warmup-stable-decay
+schedule, gradient clipping, EMA; a progress bar with loss, tokens/s and ETA; TensorBoard logs
+and sample grids; atomic checkpoints (safetensors weights, optimizer, schedule, EMA, RNG, data
+position). A non-finite loss stops the run before the optimizer step, leaving the last good
+checkpoint untouched.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers.training_utils import EMAModel
+from tqdm import tqdm
+from transformers.optimization import get_wsd_schedule
+
+from tasks import build_task
+from unimodal import checkpoint as ckpt
+from unimodal.config import TrainConfig, load_config
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def config_dict(cfg: TrainConfig) -> dict:
+    d = dataclasses.asdict(cfg)
+    d["task_type"] = type(cfg.task).__name__
+    return d
+
+
+def config_from_dict(d: dict) -> TrainConfig:
+    """Rebuild a TrainConfig saved by config_dict (checkpoints' config.json)."""
+    from tasks import config_class
+    from unimodal.config import OptimConfig, model_config_from_dict, replace_strict
+    d = dict(d)
+    task_cls = config_class(d.pop("task_type"))
+    task = replace_strict(task_cls(), **{k: tuple(v) if isinstance(v, list) else v for k, v in d.pop("task").items()})
+    model = model_config_from_dict(d.pop("model"))
+    optim = replace_strict(OptimConfig(), **{k: tuple(v) if isinstance(v, list) else v for k, v in d.pop("optim").items()})
+    return replace_strict(TrainConfig(task=task), model=model, optim=optim, **d)
+
+
+def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
+    """One group, or per-layer groups with layer-wise lr decay (MAE): embeddings are layer 0,
+    transformer block i is layer i + 1, everything after the blocks is the top layer."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = cfg.optim.layer_decay
+    if decay >= 1.0:
+        return [{"params": [p for _, p in params], "lr": cfg.optim.lr}]
+    depth = cfg.model.depth
+    groups: dict[int, list] = {}
+    for n, p in params:
+        m = re.search(r"blocks\.(\d+)\.", n)
+        if m:
+            layer = int(m.group(1)) + 1
+        elif any(k in n for k in ("x_embedder", "t_embedder", "y_embedder", "tok_embedder")):
+            layer = 0
+        else:
+            layer = depth + 1
+        groups.setdefault(layer, []).append(p)
+    return [{"params": ps, "lr": cfg.optim.lr * decay ** (depth + 1 - layer)} for layer, ps in sorted(groups.items())]
+
+
+def token_count(batch) -> int:
+    packed = batch[0] if isinstance(batch, tuple) else batch
+    return int((packed.doc >= 0).sum()) if hasattr(packed, "doc") else 0
+
+
+def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
+    accelerator = Accelerator(mixed_precision="no", cpu=not torch.cuda.is_available())
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    main = accelerator.is_main_process
+    set_seed(cfg.seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    out = Path(cfg.out_dir)
+    task = build_task(cfg, rank, world, device)
+    model = task.build_model()
+    if cfg.init_from:
+        sd = ckpt.load_weights(cfg.init_from, ema=(Path(ckpt.resolve(cfg.init_from)) / "ema.safetensors").exists())
+        missing, unexpected = getattr(model, "load_backbone", model.load_state_dict)(sd, strict=False)
+        if main and not quiet:
+            print(f"initialised from {cfg.init_from}: {len(missing)} missing, {len(unexpected)} unexpected keys")
+    model.to(device)
+    ema = EMAModel(model.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=3 / 4) \
+        if cfg.ema_decay > 0 else None
+    opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                            weight_decay=cfg.optim.weight_decay)
+    sched = get_wsd_schedule(opt, num_warmup_steps=cfg.optim.warmup_steps,
+                             num_decay_steps=int(cfg.optim.decay_frac * cfg.steps), num_training_steps=cfg.steps,
+                             decay_type=cfg.optim.decay_type, min_lr_ratio=cfg.optim.min_lr_ratio)
+    start = 0
+    if resume:
+        last = ckpt.latest(out)
+        if last is None:
+            if main and not quiet:
+                print(f"--resume: no checkpoint in {out}, starting from scratch")
+        else:
+            model.load_state_dict(ckpt.load_weights(last))
+            state = ckpt.load_state(last)
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            if ema is not None and (last / "ema.safetensors").exists():
+                shadow = ckpt.load_weights(last, ema=True)
+                names = [n for n, _ in model.named_parameters()]
+                ema.shadow_params = [shadow[n].to(device) for n in names]
+                ema.optimization_step = int(state["ema_step"])
+            ckpt.set_rng_state(state["rng"])
+            start = int(state["step"])
+            if main and not quiet:
+                print(f"resumed from {last} at step {start}")
+    train_model = torch.compile(model) if cfg.compile else model
+    train_model, opt = accelerator.prepare(train_model, opt)
+    writer = None
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(config_dict(cfg), indent=2, default=str))
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(str(out / "tb"))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    log_f = open(out / "log.jsonl", "a") if main else None
+    n_params = sum(p.numel() for p in model.parameters())
+    bar = tqdm(total=cfg.steps, initial=start, disable=not main or quiet, dynamic_ncols=True,
+               desc=f"{type(task).__name__} {n_params / 1e6:.1f}M params x{world}")
+    t_last, tok_acc, history = time.perf_counter(), 0, []
+
+    def save(step: int) -> None:
+        if main:
+            unwrapped = accelerator.unwrap_model(train_model)
+            base = getattr(unwrapped, "_orig_mod", unwrapped)
+            names = [n for n, _ in base.named_parameters()]
+            ema_sd = dict(zip(names, ema.shadow_params)) if ema is not None else None
+            state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
+                     "ema_step": ema.optimization_step if ema is not None else 0, "rng": ckpt.rng_state(),
+                     "data_position": step * cfg.global_batch, "world_size": world}
+            ckpt.save(out, step, base.state_dict(), state, config_dict(cfg), ema_sd, keep=cfg.keep_checkpoints)
+        accelerator.wait_for_everyone()
+
+    step = start
+    try:
+        for step in range(start, cfg.steps):
+            train_model.train()
+            batch = task.batch(step)
+            with autocast:
+                loss, parts = task.loss(train_model, batch)
+            finite = torch.tensor([float(torch.isfinite(loss.detach()).all())], device=device)
+            finite = accelerator.reduce(finite, reduction="sum") if world > 1 else finite
+            if float(finite) < world:
+                raise NonFiniteLoss(f"non-finite loss {float(loss):.4g} at step {step} (parts "
+                                    f"{ {k: float(v) for k, v in parts.items()} }); stopping without an optimizer "
+                                    f"step. The last good checkpoint is {ckpt.latest(out)}. Lower optim.lr, "
+                                    f"check the data, or resume from it with --resume.")
+            accelerator.backward(loss)
+            gnorm = accelerator.clip_grad_norm_(train_model.parameters(), cfg.optim.grad_clip) \
+                if cfg.optim.grad_clip > 0 else torch.tensor(0.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.step(model.parameters())
+            tok_acc += token_count(batch) * world
+            rec = {"step": step + 1, "loss": float(loss), **{k: float(v) for k, v in parts.items()},
+                   "lr": sched.get_last_lr()[0], "grad_norm": float(gnorm)}
+            history.append(rec)
+            if main:
+                log_f.write(json.dumps(rec) + "\n")
+                if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+                    now = time.perf_counter()
+                    tps = tok_acc / max(now - t_last, 1e-9)
+                    t_last, tok_acc = now, 0
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", **{k: f"{float(v):.3f}" for k, v in parts.items()},
+                                    tok_s=f"{tps:,.0f}")
+                    for k, v in rec.items():
+                        if k != "step":
+                            writer.add_scalar(f"train/{k}", v, step + 1)
+                    writer.add_scalar("train/tokens_per_s", tps, step + 1)
+                    log_f.flush()
+            bar.update(1)
+            if cfg.sample_every and (step + 1) % cfg.sample_every == 0 and main:
+                with ema_weights(model, ema):
+                    for p in task.preview(model.eval(), out / "samples", step + 1):
+                        _log_image(writer, p, step + 1)
+            if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
+                save(step + 1)
+    finally:
+        bar.close()
+        if log_f:
+            log_f.close()
+    result = {"history": history, "out_dir": str(out)}
+    if cfg.eval_at_end and main:
+        with ema_weights(model, ema):
+            metrics = task.evaluate(model.eval(), out / "eval", quick=False)
+        result["eval"] = metrics
+        if writer:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)):
+                    writer.add_scalar(f"eval/{k}", v, cfg.steps)
+        if not quiet:
+            print(json.dumps(metrics, indent=2))
+    if writer:
+        writer.close()
+    accelerator.wait_for_everyone()
+    return result
+
+
+class ema_weights:
+    """Context: the model holds the EMA weights inside, its training weights outside."""
+
+    def __init__(self, model, ema):
+        self.model, self.ema = model, ema
+
+    def __enter__(self):
+        if self.ema is not None:
+            self.ema.store(self.model.parameters())
+            self.ema.copy_to(self.model.parameters())
+        return self.model
+
+    def __exit__(self, *exc):
+        if self.ema is not None:
+            self.ema.restore(self.model.parameters())
+        self.model.train()
+
+
+def _log_image(writer, path: Path, step: int) -> None:
+    import numpy as np
+    from PIL import Image
+    if writer is not None and path.suffix == ".png":
+        writer.add_image(f"samples/{path.stem.split('_step')[0]}", np.asarray(Image.open(path).convert("RGB")),
+                         step, dataformats="HWC")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config", help="a Python config file defining `config` (see configs/)")
+    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. steps=100 model.depth=4")
+    ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar or prints")
+    args = ap.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    try:
+        train(cfg, resume=args.resume, quiet=args.quiet)
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
+
+
+if __name__ == "__main__":
+    main()
