@@ -149,25 +149,37 @@ def _parse_value(text: str) -> Any:
 
 
 def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
-    """Apply `a.b=value` overrides to a (nested) dataclass; returns a new object."""
+    """Apply `a.b=value` overrides to a (nested) dataclass; returns a new object. All overrides
+    of one dataclass are applied together, so related fields may change in any order."""
+    tree: dict = {}
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not of the form key=value")
         key, text = item.split("=", 1)
-        cfg = _set_path(cfg, key.strip().split("."), _parse_value(text.strip()), key)
-    return cfg
+        path = key.strip().split(".")
+        node = tree
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise KeyError(f"override {item!r}: {p!r} is a value, not a group")
+        node[path[-1]] = (_parse_value(text.strip()), key.strip())
+    return _apply_tree(cfg, tree, "")
 
 
-def _set_path(obj: Any, path: list[str], value: Any, full: str) -> Any:
+def _apply_tree(obj: Any, tree: dict, prefix: str) -> Any:
     if not dataclasses.is_dataclass(obj):
-        raise KeyError(f"override {full!r}: {type(obj).__name__} has no fields")
-    names = {f.name: f for f in dataclasses.fields(obj)}
-    head = path[0]
-    if head not in names:
-        raise KeyError(f"override {full!r}: unknown key {head!r} in {type(obj).__name__}; "
-                       f"valid keys: {sorted(names)}")
-    if len(path) == 1:
+        raise KeyError(f"override {prefix.rstrip('.')!r}: {type(obj).__name__} has no fields")
+    names = {f.name for f in dataclasses.fields(obj)}
+    changes = {}
+    for head, sub in tree.items():
+        if head not in names:
+            raise KeyError(f"override {prefix + head!r}: unknown key {head!r} in {type(obj).__name__}; "
+                           f"valid keys: {sorted(names)}")
         old = getattr(obj, head)
+        if isinstance(sub, dict):
+            changes[head] = _apply_tree(old, sub, prefix + head + ".")
+            continue
+        value, full = sub
         if isinstance(old, tuple) and isinstance(value, list):
             value = tuple(value)
         if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
@@ -175,8 +187,8 @@ def _set_path(obj: Any, path: list[str], value: Any, full: str) -> Any:
         if old is not None and value is not None and not isinstance(value, type(old)) \
                 and not (isinstance(old, tuple) and isinstance(value, tuple)):
             raise TypeError(f"override {full!r}: expected {type(old).__name__}, got {value!r}")
-        return dataclasses.replace(obj, **{head: value})
-    return dataclasses.replace(obj, **{head: _set_path(getattr(obj, head), path[1:], value, full)})
+        changes[head] = value
+    return dataclasses.replace(obj, **changes)
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Any:

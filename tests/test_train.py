@@ -1,0 +1,159 @@
+"""train.py: two processes equal one, resume equals an uninterrupted run, checkpoints survive
+crashes, non-finite losses stop the run, pickled payloads are refused; evaluate.py end to end."""
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import evaluate
+import train
+from unimodal import checkpoint as ckpt
+from unimodal.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["model.depth=2", "model.hidden_size=64", "model.num_heads=1", "model.patch_size=4", "task.block=16",
+        "global_batch=4", "log_every=1", "eval_at_end=False", "optim.warmup_steps=2", "optim.lr=1e-3",
+        "ema_decay=0.99", "precision=fp32"]
+
+
+def tiny_cfg(out, *extra):
+    return load_config(ROOT / "configs/mnist_class_tiny.py", TINY + [f"out_dir={out}", *extra])
+
+
+def losses(run_dir):
+    return [json.loads(l) for l in (Path(run_dir) / "log.jsonl").read_text().splitlines()]
+
+
+def test_resume_reproduces_the_uninterrupted_trajectory(tmp_path, monkeypatch):
+    full = train.train(tiny_cfg(tmp_path / "a", "steps=6", "ckpt_every=3"), quiet=True)["history"]
+
+    import tasks.class_image as ci
+    real_batch = ci.ClassImageTask.batch
+
+    def crash_at_4(self, step):
+        if step == 4:
+            raise KeyboardInterrupt("killed")
+        return real_batch(self, step)
+    monkeypatch.setattr(ci.ClassImageTask, "batch", crash_at_4)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(tiny_cfg(tmp_path / "b", "steps=6", "ckpt_every=3"), quiet=True)
+    monkeypatch.setattr(ci.ClassImageTask, "batch", real_batch)
+    assert ckpt.latest(tmp_path / "b").name == "step_0000003"
+    resumed = train.train(tiny_cfg(tmp_path / "b", "steps=6", "ckpt_every=3"), resume=True, quiet=True)["history"]
+    assert [r["step"] for r in resumed] == [4, 5, 6]
+    for a, b in zip(full[3:], resumed):
+        assert a["step"] == b["step"] and a["lr"] == pytest.approx(b["lr"], rel=1e-12)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7)
+    wa = load_file(str(tmp_path / "a/step_0000006/model.safetensors"))
+    wb = load_file(str(tmp_path / "b/step_0000006/model.safetensors"))
+    ea = load_file(str(tmp_path / "a/step_0000006/ema.safetensors"))
+    eb = load_file(str(tmp_path / "b/step_0000006/ema.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(ea[k], eb[k], atol=1e-6, rtol=1e-5)
+
+
+def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    train.train(tiny_cfg(tmp_path, "steps=2", "ckpt_every=2"), quiet=True)
+    before = ckpt.latest(tmp_path)
+    weights = load_file(str(before / "model.safetensors"))
+
+    def dies(*a, **k):
+        raise OSError("power cut while writing state.pt")
+    monkeypatch.setattr(ckpt.torch, "save", dies)
+    with pytest.raises(OSError, match="power cut"):
+        train.train(tiny_cfg(tmp_path, "steps=4", "ckpt_every=2"), resume=True, quiet=True)
+    after = ckpt.latest(tmp_path)
+    assert after == before  # `latest` still names the last complete checkpoint
+    assert (tmp_path / "latest").read_text().strip() == before.name
+    for k, v in load_file(str(after / "model.safetensors")).items():
+        assert torch.equal(v, weights[k])
+    assert ckpt.load_state(after)["step"] == 2
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    import tasks.class_image as ci
+    real_loss = ci.ClassImageTask.loss
+    calls = {"n": 0}
+
+    def nan_at_3(self, model, batch):
+        loss, parts = real_loss(self, model, batch)
+        calls["n"] += 1
+        return (loss * float("nan"), parts) if calls["n"] == 3 else (loss, parts)
+    monkeypatch.setattr(ci.ClassImageTask, "loss", nan_at_3)
+    with pytest.raises(train.NonFiniteLoss, match="non-finite loss .* at step 2"):
+        train.train(tiny_cfg(tmp_path, "steps=6", "ckpt_every=2"), quiet=True)
+    good = ckpt.latest(tmp_path)
+    assert good.name == "step_0000002"
+    assert all(torch.isfinite(v).all() for v in load_file(str(good / "model.safetensors")).values())
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/unimodal_pwned",))
+
+
+def test_a_checkpoint_with_a_pickled_payload_is_refused(tmp_path):
+    train.train(tiny_cfg(tmp_path, "steps=1", "ckpt_every=1"), quiet=True)
+    c = ckpt.latest(tmp_path)
+    state = ckpt.load_state(c)
+    state["evil"] = Payload()
+    torch.save(state, c / "state.pt")
+    if os.path.exists("/tmp/unimodal_pwned"):
+        os.remove("/tmp/unimodal_pwned")
+    with pytest.raises(ckpt.CheckpointError, match="cannot be read safely"):
+        ckpt.load_state(c)
+    with pytest.raises(ckpt.CheckpointError):
+        train.train(tiny_cfg(tmp_path, "steps=2", "ckpt_every=1"), resume=True, quiet=True)
+    assert not os.path.exists("/tmp/unimodal_pwned")
+
+
+def test_unknown_override_fails_with_the_valid_keys():
+    with pytest.raises(KeyError, match="unknown key 'detph'.*valid keys"):
+        load_config(ROOT / "configs/mnist_class_tiny.py", ["model.detph=3"])
+
+
+def test_two_processes_give_the_weights_of_one(tmp_path):
+    """torchrun with 2 CPU processes (gloo) and the same global batch ends with the same weights."""
+    args = TINY + ["steps=3", "ckpt_every=3", "global_batch=4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    one = subprocess.run([sys.executable, "train.py", "configs/mnist_class_tiny.py", *args,
+                          f"out_dir={tmp_path / 'one'}", "--quiet"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29517", "train.py", "configs/mnist_class_tiny.py", *args,
+                          f"out_dir={tmp_path / 'two'}", "--quiet"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert ckpt.load_state(tmp_path / "two")["world_size"] == 2
+    w1 = load_file(str(tmp_path / "one/step_0000003/model.safetensors"))
+    w2 = load_file(str(tmp_path / "two/step_0000003/model.safetensors"))
+    w0 = train_init_weights()
+    moved = max(float((w1[k] - w0[k]).abs().max()) for k in w1 if k in w0)
+    assert moved > 1e-4  # training changed the weights
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], atol=1e-5, rtol=1e-5)
+
+
+def train_init_weights():
+    from tasks import build_task
+    cfg = tiny_cfg("/tmp/unused")
+    torch.manual_seed(cfg.seed)
+    return build_task(cfg).build_model().state_dict()
+
+
+def test_evaluate_writes_grid_npz_and_metrics(tmp_path):
+    train.train(tiny_cfg(tmp_path, "steps=2", "ckpt_every=2"), quiet=True)
+    m = evaluate.evaluate_run(tmp_path, tmp_path / "ev", overrides=["task.eval_samples=10", "task.eval_batch=10",
+                                                                   "task.sample_steps=2"])
+    assert (tmp_path / "ev/class_grid.png").is_file()
+    import numpy as np
+    z = np.load(tmp_path / "ev/samples.npz")
+    assert z["arr_0"].shape == (10, 32, 32, 1) and z["arr_0"].dtype == np.uint8
+    assert 0.0 <= m["class_accuracy"] <= 1.0 and m["weights"] == "ema"
+    assert json.loads((tmp_path / "ev/metrics.json").read_text())["samples"] == 10
