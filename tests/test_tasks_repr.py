@@ -1,0 +1,175 @@
+"""ACDiT as an image encoder: clean-block features, fine-tuning and linear probing.
+
+Oracles: the packed training sequence (clean tokens of a full SCAM forward with noised copies
+and conditioning must equal the clean-only forward), timm's soft-target Mixup loss, train.py's
+layer-decay groups, and measured accuracies of MNIST probes and fine-tunes.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train
+from tasks.classify import Classifier, clean_input, mix, pack_spec
+from unimodal.config import ModelConfig, load_config
+from unimodal.diffusion import model_input, train_scheduler, noise_blocks
+from unimodal.model import ACDiT
+from unimodal.sequence import Image, PackSpec, Sample, pack
+
+MICRO = ModelConfig(depth=2, hidden_size=64, num_heads=2, latent_channels=1, patch_size=2, num_classes=10,
+                    rope_axes=3, rope_split=(2, 3, 3), rope_max_pos=(16, 16, 16))
+
+
+def _randomise(model: torch.nn.Module) -> torch.nn.Module:
+    """Non-zero adaLN and output weights, so modulation would show if it leaked to clean tokens."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
+# ----------------------------------------------------------------------------- clean-block input
+
+def test_clean_input_matches_the_clean_copy_of_a_packed_sample():
+    spec = PackSpec(patch_size=2, latent_channels=1)
+    z = torch.randn(3, 1, 8, 8)
+    inp = clean_input(z, spec, block=4)  # 16 tokens, 4 blocks of 2x2 patches
+    for i in range(3):
+        p = pack([Sample([Image(z[i], block=4)], label=3)], spec)
+        clean = (p.noisy[0] == 0) & (p.doc[0] >= 0)
+        assert torch.equal(inp.patches[i], p.patches[0, clean])
+        assert torch.equal(inp.pos[i], p.pos[0, clean])
+        assert torch.equal(inp.layout.step[i], p.step[0, clean])
+    assert inp.layout.noisy.sum() == 0 and (inp.cond_index == -1).all() and inp.t.numel() == 0
+    assert inp.layout.step[0].unique().tolist() == [0, 1, 2, 3]
+
+
+def test_clean_features_equal_clean_tokens_of_a_full_training_forward():
+    """Clean tokens never attend noised ones nor get modulated: in a full SCAM forward with noised
+    copies, timesteps and labels, their hidden states equal the clean-only forward's."""
+    model = _randomise(ACDiT(MICRO)).eval()
+    spec = PackSpec(patch_size=2, latent_channels=1)
+    z = torch.randn(2, 1, 8, 8)
+    p = pack([Sample([Image(z[i], block=4)], label=i + 5) for i in range(2)], spec)
+    t = torch.randint(0, 1000, (p.n_blocks,))
+    y = p.block_label.clone()
+    x = noise_blocks(p, train_scheduler(), t, torch.randn_like(p.patches))
+    with torch.no_grad():
+        full = model(model_input(p, x, t, y), return_hidden=True).hidden  # (2, L, H)
+        clean = model(clean_input(z, spec, block=4), return_hidden=True).hidden  # (2, 16, H)
+    sel = (p.noisy == 0) & (p.doc >= 0)
+    torch.testing.assert_close(clean, full[sel].view(2, 16, -1), rtol=1e-5, atol=1e-5)
+
+
+def test_features_are_block_causal_and_pooled():
+    model = Classifier(MICRO, 10)
+    _randomise(model.backbone).eval()
+    spec = PackSpec(patch_size=2, latent_channels=1)
+    z = torch.randn(2, 1, 8, 8)
+    z2 = z.clone()
+    z2[:, :, 4:, 4:] = torch.randn(2, 1, 4, 4)  # the last block only
+    with torch.no_grad():
+        a = model.backbone(clean_input(z, spec, 4), return_hidden=True).hidden
+        b = model.backbone(clean_input(z2, spec, 4), return_hidden=True).hidden
+        f = model.features(clean_input(z, spec, 4))
+    torch.testing.assert_close(a[:, :12], b[:, :12])  # blocks 0-2 do not see block 3
+    assert not torch.allclose(a[:, 12:], b[:, 12:])
+    torch.testing.assert_close(f, a.mean(1))
+
+
+def test_intermediate_layer_features():
+    model = Classifier(MICRO, 10, feature_layer=1)
+    _randomise(model.backbone).eval()
+    inp = clean_input(torch.randn(2, 1, 8, 8), PackSpec(patch_size=2, latent_channels=1), 4)
+    got = {}
+    model.backbone.blocks[0].register_forward_hook(lambda m, a, o: got.__setitem__("x", o))
+    with torch.no_grad():
+        f = model.features(inp)
+    torch.testing.assert_close(f, F.rms_norm(got["x"], (64,), eps=1e-6).mean(1))
+    with pytest.raises(ValueError, match="feature_layer"):
+        Classifier(MICRO, 10, feature_layer=3)
+
+
+def test_reference_positions_for_two_axis_models():
+    cfg = ModelConfig(depth=1, hidden_size=64, num_heads=1, latent_channels=4, patch_size=1, num_classes=0,
+                      rope_axes=2, rope_split=(1, 1), rope_max_pos=(7, 7))
+    spec = pack_spec(cfg)
+    assert spec.positions == "reference"
+    inp = clean_input(torch.randn(2, 4, 8, 8), spec, block=16)
+    assert inp.pos.shape == (2, 64, 2)
+    with torch.no_grad():
+        assert Classifier(cfg, 5)(inp).shape == (2, 5)
+
+
+# ----------------------------------------------------------------------------- model plumbing
+
+def test_load_backbone_and_layer_decay_names():
+    src = _randomise(ACDiT(MICRO))
+    model = Classifier(MICRO, 10)
+    missing, unexpected = model.load_backbone(src.state_dict())
+    assert not missing and not unexpected
+    for k, v in src.state_dict().items():
+        assert torch.equal(model.backbone.state_dict()[k], v)
+    # a Classifier's own checkpoint: backbone.* taken, the head ignored
+    other = Classifier(MICRO, 10)
+    missing, unexpected = other.load_backbone(model.state_dict())
+    assert not missing and not unexpected
+    with pytest.raises(ValueError, match="none of"):
+        other.load_backbone({"foo.weight": torch.zeros(1)})
+    # train.py's layer-wise lr decay sees blocks.N. under the backbone
+    cfg = load_config("configs/mnist_finetune_tiny.py", ["model.depth=2", "model.num_heads=2", "model.hidden_size=64",
+                                                          "optim.layer_decay=0.5", "optim.lr=1.0"])
+    clf = Classifier(cfg.model, 10)
+    lr_of = {id(p): g["lr"] for g in train.param_groups(clf, cfg) for p in g["params"]}
+    assert lr_of[id(clf.backbone.x_embedder.weight)] == 0.125
+    assert all(lr_of[id(p)] == 0.25 for p in clf.backbone.blocks[0].parameters())
+    assert all(lr_of[id(p)] == 0.5 for p in clf.backbone.blocks[1].parameters())
+    assert lr_of[id(clf.head.weight)] == lr_of[id(clf.backbone.final_layer.norm_final.weight)] == 1.0
+
+
+def test_probe_backbone_is_frozen_and_stays_in_eval():
+    model = Classifier(MICRO, 10, probe=True)
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    assert isinstance(model.norm, torch.nn.BatchNorm1d) and model.norm.weight is None
+    model.train()
+    assert model.norm.training and not model.backbone.training
+    feats = torch.randn(8, 64)
+    model(feats).sum().backward()
+    assert model.head.weight.grad is not None
+
+
+# ----------------------------------------------------------------------------- mixup / cutmix
+
+def _timm_target(y, y_b, lam, k, smoothing):
+    off, on = smoothing / k, 1 - smoothing + smoothing / k
+    oh = lambda t: torch.full((len(t), k), off).scatter_(1, t[:, None], on)  # noqa: E731
+    return lam * oh(y) + (1 - lam) * oh(y_b)
+
+
+@pytest.mark.parametrize("mixup,cutmix", [(0.8, 0.0), (0.0, 1.0), (0.8, 1.0)])
+def test_mix_matches_timm_soft_targets(mixup, cutmix):
+    x = torch.randn(6, 1, 16, 16)
+    y = torch.arange(6)
+    logits = torch.randn(6, 10)
+    for seed in range(5):
+        xm, y_b, lam = mix(x, y, np.random.default_rng(seed), mixup, cutmix, prob=1.0, switch_prob=0.5)
+        assert 0.0 <= lam <= 1.0 and torch.equal(y_b, y.flip(0))
+        # every pixel is either a blend with weight lam (mixup) or comes from one image, in the proportion lam
+        is_a = (xm == x).all(0).all(0)
+        is_b = (xm == x.flip(0)).all(0).all(0)
+        if bool((is_a | is_b).all()):
+            assert abs(float(is_a.float().mean()) - lam) < 1e-6
+        else:
+            torch.testing.assert_close(xm, lam * x + (1 - lam) * x.flip(0))
+        ours = lam * F.cross_entropy(logits, y, label_smoothing=0.1) + \
+            (1 - lam) * F.cross_entropy(logits, y_b, label_smoothing=0.1)
+        soft = _timm_target(y, y_b, lam, 10, 0.1)
+        timm = (-soft * logits.log_softmax(-1)).sum(-1).mean()
+        torch.testing.assert_close(ours, timm)
+    xm, y_b, lam = mix(x, y, np.random.default_rng(0), 0.0, 0.0)
+    assert xm is x and lam == 1.0
