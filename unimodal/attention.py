@@ -73,6 +73,14 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
 
 
+class RMSNorm(nn.RMSNorm):
+    """RMSNorm computed in (at least) float32 with the fused kernel, returned in the input's dtype."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        dt = torch.promote_types(x.dtype, torch.float32)
+        return F.rms_norm(x.to(dt), self.normalized_shape, self.weight.to(dt), self.eps).to(x.dtype)
+
+
 # ----------------------------------------------------------------------------- per-forward context
 
 @dataclass
@@ -267,8 +275,8 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
-        self.q_norm = nn.RMSNorm(self.head_dim, eps=eps) if qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(self.head_dim, eps=eps) if qk_norm else nn.Identity()
+        self.q_norm = RMSNorm(self.head_dim, eps=eps) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(self.head_dim, eps=eps) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim, bias=True)
 
     def forward(self, x: Tensor, ctx: AttnContext, layer: int = 0) -> Tensor:

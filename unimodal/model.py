@@ -14,7 +14,7 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import Attention, AttnContext, RopeND, choose_backend
+from .attention import Attention, AttnContext, RMSNorm, RopeND, choose_backend
 from .config import ModelConfig
 from .masks import Layout
 from .sequence import TEXT
@@ -46,13 +46,14 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 
 
 class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, act: str = "gelu_tanh"):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
+        self.approximate = {"gelu_tanh": "tanh", "gelu": "none"}[act]
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return self.fc2(F.gelu(self.fc1(x), approximate=self.approximate))
 
 
 class Modulation:
@@ -125,10 +126,10 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         H = cfg.hidden_size
-        self.norm1 = nn.RMSNorm(H, eps=cfg.norm_eps)
+        self.norm1 = RMSNorm(H, eps=cfg.norm_eps)
         self.attn = Attention(H, cfg.num_heads, cfg.qk_norm, cfg.norm_eps)
-        self.norm2 = nn.RMSNorm(H, eps=cfg.norm_eps)
-        self.mlp = Mlp(H, int(H * cfg.mlp_ratio))
+        self.norm2 = RMSNorm(H, eps=cfg.norm_eps)
+        self.mlp = Mlp(H, int(H * cfg.mlp_ratio), cfg.mlp_act)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(H, 6 * H))
 
     def forward(self, x: Tensor, c: Tensor, mod: Modulation, ctx: AttnContext, layer: int) -> Tensor:
@@ -141,7 +142,7 @@ class Block(nn.Module):
 class FinalLayer(nn.Module):
     def __init__(self, hidden: int, out: int, eps: float):
         super().__init__()
-        self.norm_final = nn.RMSNorm(hidden, eps=eps)
+        self.norm_final = RMSNorm(hidden, eps=eps)
         self.linear = nn.Linear(hidden, out)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
 
@@ -163,7 +164,7 @@ class ACDiT(nn.Module):
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.depth)])
         self.final_layer = FinalLayer(H, cfg.patch_dim, cfg.norm_eps)
         if cfg.vocab_size > 0:
-            self.text_norm = nn.RMSNorm(H, eps=cfg.norm_eps)
+            self.text_norm = RMSNorm(H, eps=cfg.norm_eps)
             self.lm_head = nn.Linear(H, cfg.vocab_size, bias=False)
         self.rope = RopeND(cfg.head_dim, cfg.rope_split, cfg.rope_max_pos, cfg.rope_style)
         self.initialize_weights()
