@@ -24,7 +24,7 @@ test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
 
 demo: setup
-	$(BIN)/python demo.py
+	$(BIN)/python train.py configs/mnist_class_tiny.py
 
 bench: setup
 	$(BIN)/python bench/attention.py

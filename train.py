@@ -154,8 +154,10 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
         accelerator.wait_for_everyone()
 
     step = start
+    total = cfg.steps
+    t_start = time.perf_counter()
     try:
-        for step in range(start, cfg.steps):
+        while step < total:
             train_model.train()
             batch = task.batch(step)
             with autocast:
@@ -176,7 +178,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
             if ema is not None:
                 ema.step(model.parameters())
             tok_acc += token_count(batch) * world
-            rec = {"step": step + 1, "loss": float(loss), **{k: float(v) for k, v in parts.items()},
+            rec = {"step": step + 1, "loss": float(loss.detach()), **{k: float(v) for k, v in parts.items()},
                    "lr": sched.get_last_lr()[0], "grad_norm": float(gnorm)}
             history.append(rec)
             if main:
@@ -197,8 +199,19 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
                 with ema_weights(model, ema):
                     for p in task.preview(model.eval(), out / "samples", step + 1):
                         _log_image(writer, p, step + 1)
-            if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
+            if cfg.time_limit_min > 0 and step + 1 == start + 8:
+                per_step = (time.perf_counter() - t_start) / 8
+                fit = start + int(cfg.time_limit_min * 60 / per_step)
+                if fit < total:
+                    total = max(fit, step + 2)
+                    cfg = dataclasses.replace(cfg, steps=total)
+                    sched = _refit_schedule(opt, sched, cfg)
+                    bar.total = total
+                    if main and not quiet:
+                        bar.write(f"{per_step:.2f} s/step: {total} steps fit the {cfg.time_limit_min:g} min budget")
+            if (step + 1) % cfg.ckpt_every == 0 or step + 1 == total:
                 save(step + 1)
+            step += 1
     finally:
         bar.close()
         if log_f:
@@ -211,13 +224,26 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
         if writer:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)):
-                    writer.add_scalar(f"eval/{k}", v, cfg.steps)
+                    writer.add_scalar(f"eval/{k}", v, total)
         if not quiet:
             print(json.dumps(metrics, indent=2))
     if writer:
         writer.close()
     accelerator.wait_for_everyone()
     return result
+
+
+def _refit_schedule(opt, sched, cfg: TrainConfig):
+    """The same WSD schedule stretched to a new total, continuing from the current step."""
+    done = sched.last_epoch
+    for g in opt.param_groups:
+        g["lr"] = g["initial_lr"]
+    new = get_wsd_schedule(opt, num_warmup_steps=cfg.optim.warmup_steps,
+                           num_decay_steps=int(cfg.optim.decay_frac * cfg.steps), num_training_steps=cfg.steps,
+                           decay_type=cfg.optim.decay_type, min_lr_ratio=cfg.optim.min_lr_ratio)
+    for _ in range(done):
+        new.step()
+    return new
 
 
 class ema_weights:

@@ -58,7 +58,8 @@ class ClassImageTask(Task):
             self.codec = VAECodec(t.vae_path, device=self.device)
         else:
             raise ValueError(f"task.codec must be 'pixel' or 'vae', got {t.codec!r}")
-        self.spec = PackSpec(patch_size=cfg.model.patch_size, latent_channels=cfg.model.latent_channels)
+        self.spec = PackSpec(patch_size=cfg.model.patch_size, latent_channels=cfg.model.latent_channels,
+                             positions="mrope" if cfg.model.rope_axes == 3 else "reference")
         self.scheduler = train_scheduler()
         self.loss_cfg = LossConfig(class_dropout=t.class_dropout)
         self._data = None
@@ -149,10 +150,10 @@ class ClassImageTask(Task):
         g = min(k, 10)
         grid_labels = torch.arange(g).repeat_interleave(g)
         grid = self.generate(model, grid_labels, seed=7).cpu()
-        save_image_grid(grid, out_dir / "class_grid.png", nrow=g, scale=3)
+        grid_path = save_image_grid(grid, out_dir / "class_grid.png", nrow=g, scale=3)
         u8 = to_uint8(imgs)  # (n, C, H, W)
         np.savez(out_dir / "samples.npz", arr_0=u8.transpose(0, 2, 3, 1), labels=labels.numpy())  # ADM layout NHWC
-        metrics: dict = {"samples": n}
+        metrics: dict = {"samples": n, "class_grid": str(grid_path)}
         if t.dataset == "mnist":
             metrics.update(mnist_quality(u8[:, 0], labels.numpy(), t.image_size))
         if t.fid:

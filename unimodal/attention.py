@@ -53,6 +53,9 @@ class RopeND:
 
     def cos_sin(self, pos: Tensor) -> tuple[Tensor, Tensor]:
         """pos (B, L, A) integer -> cos, sin (B, 1, L, head_dim) float32."""
+        if pos.shape[-1] != len(self.inv_freq):
+            raise ValueError(f"positions have {pos.shape[-1]} axes but the model's RoPE has {len(self.inv_freq)} "
+                             f"(PackSpec.positions must match ModelConfig.rope_axes)")
         angles = [pos[..., j, None].double() * f.to(pos.device) for j, f in enumerate(self.inv_freq)]  # (B, L, d_j/2)
         if self.style == "paper":
             half = torch.cat(angles, -1)  # (B, L, head_dim/2)

@@ -132,6 +132,7 @@ class TrainConfig:
     compile: bool = False
     init_from: str = ""  # checkpoint directory whose weights initialise the model (fine-tuning, probes)
     eval_at_end: bool = True
+    time_limit_min: float = 0.0  # > 0: fit `steps` to this wall-time budget, measured after the first steps
 
 
 # ----------------------------------------------------------------------------- strict replace / overrides
