@@ -255,26 +255,26 @@ class ClassifyTask(Task):
 
     @torch.no_grad()
     def latents(self, split: str, idx: list[int], flip: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Examples `idx` of a split -> (latents (N, c, h, w) on the device, labels (N,)); `flip` (N,)
-        bool takes a cached flipped latent where there is one, else flips the latent."""
+        """Examples `idx` of a split -> (latents (N, c, h, w) on the device, labels (N,)). `flip` (N,)
+        bool flips images before encoding; for a latent cache it takes the cached flipped latents,
+        or flips the latents when none are cached."""
         kind, a, b = self._load(split)
         if kind == "array":
             x, y = a[idx], b[idx]
-            z = self.codec.encode(D.image_batch(x).to(self.device)).float()  # (N, c, h, w)
         else:
             rows = a[idx]
             y = torch.as_tensor(np.asarray(rows["label"]))
             if "latent" in rows:
-                z = torch.as_tensor(np.asarray(rows["latent"]), dtype=torch.float32)
-                if flip is not None and "latent_flip" in rows:
-                    z = torch.where(flip[:, None, None, None], torch.as_tensor(np.asarray(rows["latent_flip"]),
-                                                                              dtype=torch.float32), z)
-                    flip = None
-                z = z.to(self.device)
-            else:
-                z = self.codec.encode(D.image_batch(torch.as_tensor(np.asarray(rows["image"]))).to(self.device)).float()
+                z = torch.as_tensor(np.asarray(rows["latent"]), dtype=torch.float32)  # (N, c, h, w)
+                if flip is not None:
+                    zf = torch.as_tensor(np.asarray(rows["latent_flip"]), dtype=torch.float32) \
+                        if "latent_flip" in rows else z.flip(-1)
+                    z = torch.where(flip[:, None, None, None], zf, z)
+                return z.to(self.device), y.long().to(self.device)
+            x = torch.as_tensor(np.asarray(rows["image"]))
         if flip is not None:
-            z = torch.where(flip[:, None, None, None].to(z.device), z.flip(-1), z)
+            x = torch.where(flip.view(-1, *[1] * (x.ndim - 1)), x.flip(-1), x)  # uint8 (N, [C,] H, W)
+        z = self.codec.encode(D.image_batch(x).to(self.device)).float()  # (N, c, h, w)
         return z, y.long().to(self.device)
 
     def inputs(self, latents: Tensor) -> ModelInput:

@@ -173,3 +173,48 @@ def test_mix_matches_timm_soft_targets(mixup, cutmix):
         torch.testing.assert_close(ours, timm)
     xm, y_b, lam = mix(x, y, np.random.default_rng(0), 0.0, 0.0)
     assert xm is x and lam == 1.0
+
+
+# ----------------------------------------------------------------------------- end to end through train.py
+
+def _generator(tmp_path, steps: int, shape: list[str], extra: list[str] = ()) -> str:
+    """Train the class-conditional MNIST generator (configs/mnist_class_tiny.py) for `steps`."""
+    out = tmp_path / "gen"
+    cfg = load_config("configs/mnist_class_tiny.py", shape + [f"steps={steps}", f"ckpt_every={steps}", "eval_at_end=False",
+                                                              f"out_dir={out}", *extra])
+    train.train(cfg, quiet=True)
+    return str(out)
+
+
+def test_tiny_configs_train_and_evaluate(tmp_path):
+    """Each tiny config, at its own model shape, initialises from a generator checkpoint, trains a
+    few steps and evaluates through train.train, writing metrics.json."""
+    gen = _generator(tmp_path, 1, [], ["global_batch=2", "time_limit_min=0"])
+    for name in ("mnist_finetune_tiny", "mnist_probe_tiny"):
+        out = tmp_path / name
+        cfg = load_config(f"configs/{name}.py", ["steps=2", "global_batch=4", "task.train_limit=16", "task.test_limit=16",
+                                                 "task.eval_batch=16", f"init_from={gen}", f"out_dir={out}"])
+        res = train.train(cfg, quiet=True)
+        assert len(res["history"]) == 2 and all(np.isfinite(h["loss"]) for h in res["history"])
+        m = json.loads((out / "eval" / "metrics.json").read_text())
+        assert m["examples"] == 16 and 0.0 <= m["top1"] <= 1.0
+        assert (out / "step_0000002" / "model.safetensors").is_file()
+
+
+def test_imagenet_configs_build():
+    from tasks import build_task
+    for name in ("imagenet256_finetune_acdit_l", "imagenet256_probe_acdit_l"):
+        cfg = load_config(f"configs/{name}.py")
+        gen = load_config("configs/imagenet256_acdit_l.py")
+        assert cfg.model == gen.model and cfg.task.block == gen.task.block == 256 and cfg.init_from == gen.out_dir
+        assert cfg.model.depth == 24 and cfg.model.hidden_size == 1024 and cfg.model.patch_size == 1
+        assert cfg.task.num_classes == 1000
+        task = build_task(cfg)  # no VAE or data is touched until used
+        with torch.device("meta"):
+            model = task.build_model()
+        assert model.head.out_features == 1000
+        assert any(n.startswith("backbone.blocks.23.") for n, _ in model.named_parameters())
+    ft = load_config("configs/imagenet256_finetune_acdit_l.py")
+    assert ft.optim.layer_decay == 0.75 and ft.optim.weight_decay == 0.05 and ft.task.label_smoothing == 0.1
+    assert (ft.task.mixup, ft.task.cutmix, ft.task.switch_prob) == (0.8, 1.0, 0.5)
+    assert round(ft.steps * ft.global_batch / 1_281_167) == 100
