@@ -15,7 +15,7 @@ config = TrainConfig(
                       num_classes=10, rope_axes=3, rope_split=(2, 3, 3), rope_max_pos=(32, 32, 32)),
     optim=OptimConfig(lr=1e-3, warmup_steps=100, decay_frac=0.3, grad_clip=1.0),
     steps=6000,
-    time_limit_min=6.0,
+    time_limit_min=5.0,
     global_batch=64,
     precision="bf16",
     ema_decay=0.999,

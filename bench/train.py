@@ -1,0 +1,113 @@
+"""Training throughput on this machine: tokens/s, counted model FLOPs, MFU against the matmul peak.
+
+Model FLOPs per step are counted, not estimated from parameters: per layer and token 24 d^2 for
+the dense layers (QKV, projection, MLP; 2 FLOPs per multiply-add), 12 d^2 per block for adaLN,
+and 4 d per allowed (query, key) pair of the mask for attention (the empty part of SCAM is not
+counted); the final layer and embeddings are added; a training step is 3x the forward. The
+matmul peak (bf16 and fp32, 2048^3) is measured in the same run; MFU = achieved FLOP/s / peak.
+
+    python bench/train.py                 # tiny config and the ACDiT-B-shaped config, bf16
+    python bench/train.py --precision fp32
+"""
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from unimodal import masks  # noqa: E402
+from unimodal.config import ModelConfig  # noqa: E402
+from unimodal.diffusion import LossConfig, train_scheduler, training_loss  # noqa: E402
+from unimodal.model import ACDiT  # noqa: E402
+from unimodal.sequence import Image, PackSpec, Sample, pack  # noqa: E402
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        ts.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / min(ts)
+
+
+def step_flops(cfg: ModelConfig, packed) -> float:
+    d, depth = cfg.hidden_size, cfg.depth
+    tokens = int((packed.doc >= 0).sum())
+    noisy = int(packed.noisy.sum())
+    pairs = sum(int(masks.dense_mask(packed.layout.row(b)).sum()) for b in range(packed.doc.shape[0]))
+    per_layer = 24 * d * d * tokens + 4 * d * pairs + 12 * d * d * packed.n_blocks
+    head = 2 * d * cfg.patch_dim * (tokens + noisy) + 2 * 2 * d * d * packed.n_blocks  # embed, final layer
+    return 3 * (depth * per_layer + head)
+
+
+def run(name: str, cfg: ModelConfig, samples, steps: int, precision: str, peak: float) -> dict:
+    torch.manual_seed(0)
+    model = ACDiT(cfg)
+    spec = PackSpec(patch_size=cfg.patch_size, latent_channels=cfg.latent_channels)
+    packed = pack(samples, spec)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    sched, lc = train_scheduler(), LossConfig()
+    flops = step_flops(cfg, packed)
+    times = []
+    for i in range(steps + 2):
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss, _ = training_loss(model, packed, sched, lc, torch.Generator().manual_seed(i))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    t = statistics.median(times)
+    tokens = int((packed.doc >= 0).sum())
+    return {"name": name, "params": sum(p.numel() for p in model.parameters()), "tokens": tokens,
+            "step_s": t, "tok_s": tokens / t, "gflop": flops / 1e9, "tflops": flops / t / 1e12, "mfu": flops / t / peak}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--skip-b", action="store_true")
+    args = ap.parse_args()
+    peak_bf16, peak_fp32 = matmul_peak(torch.bfloat16), matmul_peak(torch.float32)
+    peak = peak_bf16 if args.precision == "bf16" else peak_fp32
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; matmul peak 2048^3: "
+          f"bf16 {peak_bf16 / 1e12:.3f} TFLOP/s, fp32 {peak_fp32 / 1e12:.3f} TFLOP/s; training in {args.precision}")
+    rows = []
+    tiny = ModelConfig(depth=6, hidden_size=256, num_heads=4, mlp_act="gelu", latent_channels=1, patch_size=4,
+                       num_classes=10, rope_max_pos=(32, 32, 32))
+    rows.append(run("tiny (MNIST demo shape)", tiny,
+                    [Sample([Image(torch.randn(1, 32, 32), block=16)], label=i % 10) for i in range(64)],
+                    args.steps, args.precision, peak))
+    print_row(rows[-1])
+    if not args.skip_b:
+        bcfg = ModelConfig.preset("ACDiT-B", latent_channels=4, patch_size=1, num_classes=1000,
+                                  rope_max_pos=(64, 64, 64))
+        rows.append(run("ACDiT-B-shaped", bcfg, [Sample([Image(torch.randn(4, 32, 32), block=256)], label=i)
+                                                 for i in range(2)], args.steps, args.precision, peak))
+        print_row(rows[-1])
+    peak_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak resident memory {peak_mem:,.0f} MiB")
+    last = rows[-1]
+    print(f"RESULT training MFU, {last['name']} ({args.precision}): {last['mfu'] * 100:.1f}% (target 40%)")
+
+
+def print_row(r: dict) -> None:
+    print(f"{r['name']:<26} {r['params'] / 1e6:7.1f}M params  {r['tokens']:>6} tokens/step  {r['step_s']:7.3f} s/step  "
+          f"{r['tok_s']:>9,.0f} tok/s  {r['gflop']:>8.1f} GFLOP/step  {r['tflops']:.3f} TFLOP/s  MFU {r['mfu'] * 100:5.1f}%",
+          flush=True)
+
+
+if __name__ == "__main__":
+    main()
