@@ -9,8 +9,8 @@ Inception FID / IS / precision / recall against a reference set and writes an AD
 """
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +60,8 @@ class ClassImageTask(Task):
             raise ValueError(f"task.codec must be 'pixel' or 'vae', got {t.codec!r}")
         self.spec = PackSpec(patch_size=cfg.model.patch_size, latent_channels=cfg.model.latent_channels,
                              positions="mrope" if cfg.model.rope_axes == 3 else "reference")
+        # training drops each image's last clean block: nothing attends to it
+        self.train_spec = dataclasses.replace(self.spec, drop_dead_clean=True)
         self.scheduler = train_scheduler()
         self.loss_cfg = LossConfig(class_dropout=t.class_dropout)
         self._data = None
@@ -105,7 +107,7 @@ class ClassImageTask(Task):
             flip = torch.tensor([bool(torch.rand((), generator=g) < 0.5) for g in gens])
             lat = torch.where(flip[:, None, None, None].to(lat.device), lat.flip(-1), lat)
         samples = [Sample([Image(lat[i].cpu(), block=self.tc.block)], label=int(y[i])) for i in range(len(idx))]
-        return pack(samples, self.spec).to(self.device), gens
+        return pack(samples, self.train_spec).to(self.device), gens
 
     def loss(self, model, batch):
         packed, gens = batch

@@ -104,7 +104,7 @@ class AttnContext:
     def dense(self) -> Tensor:
         if self._mask is None:
             if self.cache is None:
-                m = masks.dense_mask(self.layout)  # (B, L, L)
+                m = _dense_cached(self.layout)  # (B, L, L)
             else:
                 Lq, Lk = self.layout.shape[1], self.kv_layout.shape[1]
                 dev = self.layout.doc.device
@@ -118,6 +118,22 @@ class AttnContext:
             self._groups = [masks.query_groups(self.layout.row(b)) for b in range(self.layout.shape[0])] \
                 if not self.layout.rows_identical() else [masks.query_groups(self.layout.row(0))]
         return self._groups
+
+
+_DENSE: dict = {}
+
+
+def _dense_cached(layout: Layout) -> Tensor:
+    """The dense mask of a layout, built once per distinct layout (training reuses a few)."""
+    B, L = layout.shape
+    if B * L * L > (1 << 26):  # large masks are not kept
+        return masks.dense_mask(layout)
+    key = (layout.key(), str(layout.doc.device))
+    if key not in _DENSE:
+        if len(_DENSE) > 16:
+            _DENSE.clear()
+        _DENSE[key] = masks.dense_mask(layout)
+    return _DENSE[key]
 
 
 def choose_backend(requested: str, layout: Layout, device: torch.device, training: bool, cached: bool) -> str:
