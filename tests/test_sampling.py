@@ -203,3 +203,25 @@ def test_convenience_samplers_shapes():
     assert x.shape == (2, 2, 4, 4)
     v = sample_videos(model, SPEC, torch.tensor([1]), (4, 2, 2, 2), frames_per_block=2, steps=2)
     assert v.shape == (1, 4, 2, 2, 2)
+
+
+def _has_flash() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+@pytest.mark.skipif(not _has_flash(), reason="flash-attn decoding needs CUDA and the flash-attn extra")
+def test_flash_decoding_equals_sdpa_decoding():
+    outs = []
+    for backend in ("sdpa", "flash"):
+        cfg = ModelConfig.preset("ACDiT-Micro", latent_channels=2, patch_size=1, vocab_size=40, num_classes=10,
+                                 attn_backend=backend)
+        torch.manual_seed(0)
+        m = randomised(ACDiT(cfg)).cuda().to(torch.bfloat16)
+        s = SequenceSampler(m, SPEC, 2, labels=torch.tensor([1, 2]), cfg_scale=1.5, steps=3,
+                            generator=torch.Generator().manual_seed(0))
+        outs.append(s.image(2, 4, 4, block=4).float().cpu())
+    torch.testing.assert_close(outs[0], outs[1], atol=3e-2, rtol=3e-2)
