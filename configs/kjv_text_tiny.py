@@ -17,7 +17,7 @@ config = TrainConfig(
     optim=OptimConfig(lr=2e-3, warmup_steps=50, decay_frac=0.3, grad_clip=1.0),
     steps=3000,
     time_limit_min=8.0,
-    global_batch=32,
+    global_batch=16,
     precision="bf16",
     ema_decay=0.0,
     log_every=20,

@@ -17,7 +17,7 @@ config = TrainConfig(
     optim=OptimConfig(lr=1e-3, warmup_steps=50, decay_frac=0.3, grad_clip=1.0),
     steps=1000,
     time_limit_min=8.0,
-    global_batch=16,
+    global_batch=8,
     precision="bf16",
     ema_decay=0.999,
     log_every=20,

@@ -17,6 +17,7 @@ clips: slow on CPU, needs >= 9 frames; frames are resized to 224 by the metric.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -251,7 +252,8 @@ class ClassVideoTask(Task):
             order = np.random.default_rng(0).permutation(len(ds))[:n_ref]
             real = (np.asarray(ds[int(i)]["video"]) for i in order)  # decoded lazily, one clip at a time
             real = _batched(real, 8)
-            key = f"{Path(src).name}-train-{t.frames}x{t.image_size}s{t.frame_stride}-{n_ref}"
+            where = hashlib.sha256(str(Path(src).resolve()).encode()).hexdigest()[:8]
+            key = f"{Path(src).name}-{where}-train{t.fold}-{t.frames}x{t.image_size}s{t.frame_stride}-{n_ref}"
         fake = np.repeat(fake_u8, 3, axis=-1) if fake_u8.shape[-1] == 1 else fake_u8
         net = M.I3DFeatures(t.i3d_path or None, device=self.device)
         ref = M.reference_stats(net, real, key=key)

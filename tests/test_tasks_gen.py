@@ -177,3 +177,70 @@ def test_feed_image_equals_a_full_forward():
         full = model(model_input(packed, packed.patches, zeros, zeros), logits_at=at).logits  # (2, V)
     assert cached.abs().max() > 1e-3
     torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name,ref", [("ucf101_acdit_xl.py", "ACDiT-XL"), ("ucf101_acdit_h.py", "ACDiT-H")])
+def test_ucf101_configs_are_the_converted_paper_setting(name, ref):
+    """The UCF-101 configs build the model a converted official checkpoint of that size has (on meta
+    tensors), with the paper's blocking, guidance and sampling steps."""
+    import argparse
+
+    from unimodal import convert as C
+    cfg = load_config(ROOT / "configs" / name)
+    depth, H, heads = C.REFERENCE_MODELS[ref]
+    shapes = C.reference_shapes(depth, H, 4 * H, 16, 101)
+    sd = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+    args = argparse.Namespace(model=ref, dataset="UCF101", num_frames=16, image_size=256, patch_size=2,
+                              block_size=1024, ar_len=4, vae_latent_size=4, nd_split="2_3_3")
+    converted = C.convert_checkpoint({"model": sd, "args": args}, "paper.pt")
+    conv = converted.config
+    m, smp = conv["model"], conv["sampling"]
+    for k in ("depth", "hidden_size", "num_heads", "mlp_ratio", "latent_channels", "patch_size", "num_classes",
+              "rope_axes", "rope_split", "rope_max_pos", "rope_style"):
+        assert getattr(cfg.model, k) == (tuple(m[k]) if isinstance(m[k], list) else m[k]), k
+    t = cfg.task
+    assert conv["pack"]["positions"] == t.positions
+    assert smp["frames_per_block"] == t.frames_per_block and smp["cfg_scale"] == t.cfg_scale == 2.5
+    assert smp["num_steps"] == t.sample_steps and smp["scheduler"] == t.scheduler
+    assert smp["latent_shape"] == [t.frames, 4, t.image_size // 8, t.image_size // 8]
+    assert (cfg.global_batch, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.decay_frac, cfg.ema_decay) == \
+        (96, 3e-4, 0.0, 0.15, 0.9999)
+    with torch.device("meta"):
+        model = ACDiT(cfg.model)
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in converted.state_dict.items()}
+
+
+from test_data import ucf_root  # noqa: E402,F401  (a small UCF-101 tree: 3 classes, mpeg4 clips)
+
+
+@pytest.mark.parametrize("fvd", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_ucf101_config_runs_on_a_latent_cache(tmp_path, ucf_root, fvd):
+    """The UCF-101 paper config, shrunk: clips cached through a (tiny) VAE with flipped copies, a few
+    training steps on the cache, evaluation with a longer-than-trained GIF (and FVD against the clips:
+    I3D at 224x224 is the slow part)."""
+    from diffusers import AutoencoderKL
+
+    from test_data import load_script
+    root, _ = ucf_root
+    torch.manual_seed(0)
+    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16),
+                  down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                  layers_per_block=1, norm_num_groups=8, scaling_factor=0.5).save_pretrained(tmp_path / "vae")
+    cache = tmp_path / "cache"
+    load_script("cache_latents").main(["--dataset", str(root), "--dataset-kw", '{"frames": 12, "size": 16}',
+                                       "--codec", "vae", "--vae", str(tmp_path / "vae"), "--flip", "--out", str(cache)])
+    cfg = load_config(ROOT / "configs" / "ucf101_acdit_xl.py", [
+        "steps=3", f"out_dir={tmp_path / 'run'}", *FAST, "global_batch=3", "precision='fp32'",
+        "model.depth=1", "model.hidden_size=128", "model.num_heads=2", "model.num_classes=3",
+        "model.rope_max_pos=(12, 2, 2)", f"task.dataset={cache}", f"task.vae_path={tmp_path / 'vae'}",
+        "task.frames=12", "task.frame_stride=1", "task.image_size=16", "task.num_classes=3", "task.eval_samples=3",
+        "task.eval_batch=3", "task.sample_steps=2", "task.extend_frames=16", f"task.fvd_reference={root}",
+        "task.fvd_reference_clips=3", "task.mp4=False", f"task.fvd={fvd}"])
+    res = train.train(cfg, quiet=True)
+    m = res["eval"]
+    assert m["samples"] == 3 and m["frames"] == 12 and m["extend_frames"] == 16
+    assert ("fvd" in m) == fvd and (not fvd or (math.isfinite(m["fvd"]) and m["fvd"] > 0))
+    ev = tmp_path / "run" / "eval"
+    assert frames_of(ev / "videos.gif") == 12 and frames_of(ev / "videos_extended.gif") == 16
+    with np.load(ev / "samples.npz") as z:
+        assert z["videos"].shape == (3, 12, 16, 16, 3)
