@@ -225,3 +225,16 @@ def test_flash_decoding_equals_sdpa_decoding():
                             generator=torch.Generator().manual_seed(0))
         outs.append(s.image(2, 4, 4, block=4).float().cpu())
     torch.testing.assert_close(outs[0], outs[1], atol=3e-2, rtol=3e-2)
+
+
+def test_fed_image_conditions_text_like_the_full_forward():
+    """A real image fed as clean blocks, then text decoded: every pass equals the full forward."""
+    model = model_fp32()
+    oracle = FullForwardOracle()
+    s = SequenceSampler(model, SPEC, 2, steps=1, on_pass=oracle)
+    s.feed_text(torch.tensor([[1], [1]]))
+    s.feed_image(torch.randn(2, 2, 4, 4), block=4)
+    s.feed_text(torch.tensor([[2], [2]]))
+    toks = s.text(3, temperature=0)
+    assert toks.shape == (2, 3) and oracle.passes == 3 and s.cache.length == 1 + 16 + 3
+    assert oracle.max_logit < 1e-5

@@ -197,6 +197,21 @@ class SequenceSampler:
         toks = torch.cat(blocks, 1)  # (B, n, P)
         return torch.stack([unpatchify_video(toks[i], self.spec.patch_size, T, Hp, Wp) for i in range(self.B)])
 
+    def feed_image(self, latents: Tensor, block=None) -> None:
+        """Append given images (B, C, H, W) as clean blocks, exactly as the sampler leaves a finished
+        block (committed by the next pass): to caption or continue a real image."""
+        if latents.shape[0] != self.B:
+            raise ValueError(f"feed_image: {latents.shape[0]} images for a sampler of {self.B} rows")
+        lays = [lay_out(Image(z.cpu().float(), block=block), self.spec, self.run, self.unit, single=self.unit == 0)
+                for z in latents]
+        lay = lays[0]
+        values = torch.stack([x.values for x in lays], 1)  # (nb, B, bs, P)
+        nb, _, bs, _ = values.shape
+        for b in range(nb):
+            self.pending.append(_Tokens(torch.zeros(self.B, bs, dtype=torch.long), values[b],
+                                        torch.zeros(bs, dtype=torch.bool), lay.steps[b].expand(bs), lay.pos[b]))
+        self.run, self.unit = lay.run, lay.step
+
     # ------------------------------------------------------------------ text
     def feed_text(self, ids: Tensor) -> None:
         """Append given text tokens (B, n) (a prompt, markers); they are committed by the next pass."""
