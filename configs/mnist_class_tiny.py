@@ -10,7 +10,7 @@ from unimodal.config import ModelConfig, OptimConfig, TrainConfig
 
 config = TrainConfig(
     task=ClassImageConfig(dataset="mnist", image_size=32, num_classes=10, codec="pixel", block=16,
-                          cfg_scale=1.5, sample_steps=25, eval_samples=300, eval_batch=150),
+                          cfg_scale=1.5, sample_steps=25, eval_samples=200, eval_batch=100),
     model=ModelConfig(depth=6, hidden_size=256, num_heads=4, mlp_act="gelu", latent_channels=1, patch_size=4,
                       num_classes=10, rope_axes=3, rope_split=(2, 3, 3), rope_max_pos=(32, 32, 32)),
     optim=OptimConfig(lr=1e-3, warmup_steps=100, decay_frac=0.3, grad_clip=1.0),

@@ -128,7 +128,7 @@ class ClassImageTask(Task):
         n_tok = (H // self.spec.patch_size) * (W // self.spec.patch_size)
         s = SequenceSampler(model, self.spec, labels.shape[0], labels, cfg_scale if cfg_scale is not None else t.cfg_scale,
                             t.scheduler, steps or t.sample_steps, max_len=n_tok + 8,
-                            generator=torch.Generator().manual_seed(seed))
+                            generator=torch.Generator().manual_seed(seed), precision=self.cfg.precision)
         z = s.image(C, H, W, block=t.block)  # (N, C, H, W)
         return self.codec.decode(z.to(self.device).float()).clamp(-1, 1)
 

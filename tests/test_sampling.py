@@ -238,3 +238,12 @@ def test_fed_image_conditions_text_like_the_full_forward():
     toks = s.text(3, temperature=0)
     assert toks.shape == (2, 3) and oracle.passes == 3 and s.cache.length == 1 + 16 + 3
     assert oracle.max_logit < 1e-5
+
+
+def test_bf16_autocast_sampling_stays_close_to_fp32():
+    model = model_fp32()
+    outs = [SequenceSampler(model, SPEC, 2, labels=torch.tensor([1, 2]), cfg_scale=1.5, steps=3, precision=p,
+                            generator=torch.Generator().manual_seed(0)).image(2, 4, 4, block=4) for p in ("fp32", "bf16")]
+    assert outs[1].dtype == torch.float32
+    err = float((outs[0] - outs[1]).abs().max() / outs[0].abs().max())
+    assert 0 < err < 0.1

@@ -44,7 +44,7 @@ class SequenceSampler:
     def __init__(self, model: ACDiT, spec: PackSpec, batch: int, labels: Tensor | None = None,
                  cfg_scale: float = 1.0, scheduler: str = "dpm", steps: int = 25, max_len: int = 4096,
                  generator: torch.Generator | None = None, mode: str = "cache", shared_cache: bool = True,
-                 on_pass=None):
+                 on_pass=None, precision: str = "fp32"):
         if mode not in ("cache", "recompute"):
             raise ValueError(f"mode must be 'cache' or 'recompute', got {mode!r}")
         self.model, self.spec, self.B = model, spec, batch
@@ -68,6 +68,10 @@ class SequenceSampler:
         self.cache = KVCache.for_model(model, rows, max_len) if mode == "cache" else None
         self.shared_cache = shared_cache
         self.on_pass = on_pass  # callback(inp, n_commit, out) after every pass (tests, profiling)
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+        # bf16 autocast for the network; the solver's arithmetic and the guidance stay in fp32
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
         self.run = 0  # running position index
         self.unit = 0  # next autoregressive unit
         self.pending: list[_Tokens] = []
@@ -141,10 +145,11 @@ class SequenceSampler:
             logits_at = torch.zeros(rows, n_all, dtype=torch.bool)
             logits_at[:self.B, n_all - nn_ - 1] = True
             logits_at = logits_at.to(dev)
-        if self.mode == "cache":
-            out = self.model(inp, logits_at=logits_at, cache=self.cache, n_commit=nc)
-        else:
-            out = self.model(inp, logits_at=logits_at)
+        with self.autocast:
+            if self.mode == "cache":
+                out = self.model(inp, logits_at=logits_at, cache=self.cache, n_commit=nc)
+            else:
+                out = self.model(inp, logits_at=logits_at)
         self.passes += 1
         if self.on_pass is not None:
             self.on_pass(self, inp, nc, out)
