@@ -16,6 +16,7 @@ continuing a few prompts to samples.txt.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -55,7 +56,9 @@ class TextLMConfig:
 
 def bpe_codec(dataset: str, vocab_size: int) -> TextCodec:
     """A ByteLevel BPE trained on the dataset's training split, cached under the asset cache."""
-    path = cache_dir() / "tokenizers" / f"{Path(dataset).stem}-bpe{vocab_size}.json"
+    name = dataset if dataset in D.DATASETS else \
+        f"{Path(dataset).stem}-{hashlib.sha256(str(Path(dataset).resolve()).encode()).hexdigest()[:8]}"
+    path = cache_dir() / "tokenizers" / f"{name}-bpe{vocab_size}.json"
     if not path.exists():
         texts = [str(s) for s in D.build_dataset(dataset, "train")[:]["text"]]
         tok = train_bpe(texts, vocab_size, special_tokens=(EOT,), show_progress=False, length=len(texts))
@@ -78,16 +81,16 @@ def build_codec(t: TextLMConfig) -> TextCodec:
 
 
 def token_bytes(codec: TextCodec) -> np.ndarray:
-    """(V,) UTF-8 bytes each token stands for. ByteLevel tokens spell one character per byte;
-    special tokens (the separator) count as one byte."""
+    """(V,) UTF-8 bytes each token stands for. A ByteLevel token spells one character per byte;
+    added special tokens (the separator) count as one byte. Other tokenizers: the bytes of the
+    token decoded alone (approximate where tokens split characters)."""
+    from tokenizers import pre_tokenizers
+
     tok = codec.tokenizer
-    special = {tok.token_to_id(s) for s in [EOT]}
-    added = {i for i in tok.get_added_tokens_decoder()} if hasattr(tok, "get_added_tokens_decoder") else set()
-    out = np.zeros(codec.vocab_size, np.int64)
-    for i in range(codec.vocab_size):
-        s = tok.id_to_token(i)
-        out[i] = 1 if (i in special or i in added) else len(s or "")
-    return out
+    added = set(tok.get_added_tokens_decoder())
+    byte_level = isinstance(tok.pre_tokenizer, pre_tokenizers.ByteLevel)
+    return np.array([1 if i in added else len(tok.id_to_token(i)) if byte_level else len(codec.decode([i]).encode())
+                     for i in range(codec.vocab_size)], np.int64)
 
 
 class TextLMTask(Task):
