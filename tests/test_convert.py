@@ -140,6 +140,7 @@ def ref_inputs(kind: str) -> dict:
 
 ORACLE_SCRIPT = r'''
 """Run the reference ACDiT (models.py / rope.py in the working directory) on the fixtures."""
+import argparse
 import sys
 import numpy as np
 import torch
@@ -156,8 +157,9 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 models.USE_FLEX_ATTENTION = False  # the dense SCAM mask (build_attention_mask)
 src, dst = sys.argv[1], sys.argv[2]
 for kind in ("image", "video"):
-    ck = torch.load(f"{src}/{kind}.pt", map_location="cpu", weights_only=False)
-    inp = torch.load(f"{src}/{kind}_inputs.pt", weights_only=False)
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        ck = torch.load(f"{src}/{kind}.pt", map_location="cpu", weights_only=True)
+    inp = torch.load(f"{src}/{kind}_inputs.pt", weights_only=True)
     a, sd = ck["args"], ck["model"]
     hidden = sd["x_embedder.weight"].shape[0]
     depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
