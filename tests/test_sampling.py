@@ -90,9 +90,14 @@ def random_program(sampler: SequenceSampler, rng: random.Random):
     return outs
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "block"])
 @pytest.mark.parametrize("guided", [False, True])
-def test_every_cached_pass_equals_the_full_forward(guided):
-    model = model_fp32()
+def test_every_cached_pass_equals_the_full_forward(guided, backend, monkeypatch):
+    from unimodal import attention
+    split = attention._cached_split_attention
+    calls = []
+    monkeypatch.setattr(attention, "_cached_split_attention", lambda *a: calls.append(1) or split(*a))
+    model = model_fp32(backend)
     for seed in range(6):
         rng = random.Random(seed)
         oracle = FullForwardOracle()
@@ -102,6 +107,7 @@ def test_every_cached_pass_equals_the_full_forward(guided):
         random_program(s, rng)
         assert oracle.passes == s.passes > 0
         assert oracle.max_eps < 1e-5 and oracle.max_logit < 1e-5, (seed, oracle.max_eps, oracle.max_logit)
+    assert (len(calls) > 0) == (backend == "block")  # the split cache path really ran
 
 
 def test_a_finished_block_costs_no_extra_pass():

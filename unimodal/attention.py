@@ -113,6 +113,14 @@ class AttnContext:
             self._mask = m[:, None]  # (B, 1, Lq, Lk)
         return self._mask
 
+    def split_plan(self):
+        """For a cached pass: None unless every row has the same structure and every query sees the
+        whole committed cache; else the query groups over this pass's own keys (the cache part
+        needs no mask)."""
+        if "split" not in self.extra:
+            self.extra["split"] = _split_plan(self.layout, self.kv_layout)
+        return self.extra["split"]
+
     def groups(self) -> list:
         if self._groups is None:
             self._groups = [masks.query_groups(self.layout.row(b)) for b in range(self.layout.shape[0])] \
@@ -136,13 +144,74 @@ def _dense_cached(layout: Layout) -> Tensor:
     return _DENSE[key]
 
 
+_SPLIT: dict = {}
+
+
+def _split_plan(q: Layout, kv: Layout):
+    if not (q.rows_identical() and kv.rows_identical()):
+        return None
+    key = (q.row(0).key(), kv.row(0).key())
+    if key in _SPLIT:
+        return _SPLIT[key]
+    Lq, Lk = q.shape[1], kv.shape[1]
+    L0 = Lk - Lq
+    cpu = [Layout(*(t[:1].cpu() for t in (x.doc, x.step, x.noisy))) for x in (q, kv)]
+    m = masks.cross_mask(cpu[0], cpu[1], torch.arange(L0, Lk), torch.arange(Lk))[0]  # (Lq, Lk)
+    plan = None
+    if bool(m[:, :L0].all()):
+        new = m[:, L0:]  # (Lq, Lq) among this pass's tokens
+        change = torch.ones(Lq, dtype=torch.bool)
+        change[1:] = (new[1:] != new[:-1]).any(1)
+        starts = torch.nonzero(change).flatten().tolist()
+        groups = []
+        for a, b in zip(starts, starts[1:] + [Lq]):
+            row = new[a].tolist()
+            rng = masks._ranges(row, [(j, j + 1) for j in range(Lq)])
+            groups.append(masks.QueryGroup(a, b, tuple(rng), None))
+        plan = (L0, groups) if len(groups) <= MAX_BLOCK_GROUPS else None
+    if len(_SPLIT) > 256:
+        _SPLIT.clear()
+    _SPLIT[key] = plan
+    return plan
+
+
+def _cached_split_attention(q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext, layer: int) -> Tensor:
+    """A cached pass without concatenating or repeating the cache: every query sees the whole
+    committed cache (one unmasked call; the S guidance streams' queries are stacked along the
+    query axis against the cache's B rows), and its own pass's keys by query group; the two
+    partial softmaxes are merged by their log-sum-exp."""
+    fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    cache = ctx.cache
+    L0, groups = ctx.split_plan()
+    SB, H, Lq, D = q.shape
+    B = cache.batch
+    S = SB // B
+    cache.commit(layer, k, v, ctx.n_commit)
+    o_new = q.new_empty(SB, H, Lq, D)  # (S*B, H, Lq, D)
+    lse_new = q.new_empty(SB, H, Lq, dtype=torch.float32)  # (S*B, H, Lq)
+    for g in groups:
+        o, lse = fwd(q[:, :, g.q0:g.q1], _gather(k, g.k_ranges), _gather(v, g.k_ranges))
+        o_new[:, :, g.q0:g.q1], lse_new[:, :, g.q0:g.q1] = o, lse
+    if L0 == 0:
+        return o_new
+    ck, cv = cache.committed(layer, L0)  # (B, H, L0, D) each
+    qs = q.view(S, B, H, Lq, D).permute(1, 2, 0, 3, 4).reshape(B, H, S * Lq, D)  # (B, H, S*Lq, D)
+    o_c, lse_c = fwd(qs, ck, cv)  # (B, H, S*Lq, D), (B, H, S*Lq)
+    o_c = o_c.view(B, H, S, Lq, D).permute(2, 0, 1, 3, 4).reshape(SB, H, Lq, D)  # (S*B, H, Lq, D)
+    lse_c = lse_c.view(B, H, S, Lq).permute(2, 0, 1, 3).reshape(SB, H, Lq)  # (S*B, H, Lq)
+    lse = torch.logaddexp(lse_c, lse_new)  # (S*B, H, Lq)
+    w_c = (lse_c - lse).exp().unsqueeze(-1).to(q.dtype)  # (S*B, H, Lq, 1)
+    w_n = (lse_new - lse).exp().unsqueeze(-1).to(q.dtype)  # (S*B, H, Lq, 1)
+    return o_c * w_c + o_new * w_n  # (S*B, H, Lq, D)
+
+
 def choose_backend(requested: str, layout: Layout, device: torch.device, training: bool, cached: bool) -> str:
     if requested not in BACKENDS:
         raise ValueError(f"unknown attention backend {requested!r}; choose one of {BACKENDS}")
     if cached:
         if requested == "flash" or (requested == "auto" and device.type == "cuda" and _has_flash()):
             return "flash"
-        return "sdpa"
+        return "block" if requested in ("auto", "block") and device.type == "cpu" else "sdpa"
     if requested == "flash":
         raise ValueError("the 'flash' backend serves cached decoding only")
     if requested != "auto":
@@ -165,17 +234,28 @@ def _has_flash() -> bool:
 
 # ----------------------------------------------------------------------------- the dispatch
 
-def attend(q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext) -> Tensor:
-    """q (B, H, Lq, D), k/v (B, H, Lk, D) -> (B, H, Lq, D) under the context's mask.
+def attend(q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext, layer: int = 0) -> Tensor:
+    """q (B, H, Lq, D), k/v (B, H, Lq, D) of this pass's tokens -> (B, H, Lq, D) under the
+    context's mask; with a KV cache the keys are the cache's followed by these (the first
+    ctx.n_commit of which are committed to the cache here).
     On CPU, reduced-precision inputs are attended in fp32: the CPU kernels' bf16 backward is
     slower than their fp32 one, and softmax stays exact."""
-    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and ctx.backend in ("sdpa", "block"):
-        return _attend(q.float(), k.float(), v.float(), ctx).to(q.dtype)
+    if attends_in_fp32(q, ctx) and q.dtype != torch.float32:
+        return attend(q.float(), k.float(), v.float(), ctx, layer).to(q.dtype)
+    if ctx.cache is not None:
+        if ctx.backend == "block" and ctx.split_plan() is not None:
+            return _cached_split_attention(q, k, v, ctx, layer)
+        k, v = ctx.cache.keys_values(layer, k, v, ctx.n_commit)  # (B, H, Lc + Lq, D)
     return _attend(q, k, v, ctx)
 
 
+def attends_in_fp32(q: Tensor, ctx: AttnContext) -> bool:
+    """Reduced-precision attention inputs on the CPU kernels are attended in fp32."""
+    return q.device.type == "cpu" and q.dtype != torch.float64 and ctx.backend in ("sdpa", "block")
+
+
 def _attend(q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext) -> Tensor:
-    if ctx.backend == "sdpa":
+    if ctx.backend == "sdpa" or (ctx.backend == "block" and ctx.cache is not None):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.dense())
     if ctx.backend == "block":
         return _block_attention(q, k, v, ctx)
@@ -302,9 +382,9 @@ class Attention(nn.Module):
         B, L, C = x.shape
         qkv = self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim)  # (B, L, 3, H, D)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, L, D)
+        if attends_in_fp32(q, ctx):  # cast once: QK-norm, RoPE and the kernel all run in fp32
+            q, k, v = q.float(), k.float(), v.float()  # 3 x (B, H, L, D)
         q = apply_rope(self.q_norm(q), ctx.cos, ctx.sin)  # (B, H, L, D)
         k = apply_rope(self.k_norm(k), ctx.cos, ctx.sin)  # (B, H, L, D)
-        if ctx.cache is not None:
-            k, v = ctx.cache.keys_values(layer, k, v, ctx.n_commit)  # (B, H, Lc + L, D)
-        o = attend(q, k, v, ctx)  # (B, H, L, D)
-        return self.proj(o.transpose(1, 2).reshape(B, L, C))  # (B, L, C)
+        o = attend(q, k, v, ctx, layer)  # (B, H, L, D)
+        return self.proj(o.to(x.dtype).transpose(1, 2).reshape(B, L, C))  # (B, L, C)

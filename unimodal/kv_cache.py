@@ -51,18 +51,27 @@ class KVCache:
     def keys_values(self, layer: int, k: Tensor, v: Tensor, n_commit: int) -> tuple[Tensor, Tensor]:
         """k/v (S*B, H, n, D) of the new tokens -> keys/values of the pass (S*B, H, L0 + n, D);
         commits the first n_commit new tokens' K/V of the first stream."""
-        B, L0 = self.batch, self.length
-        if L0 + n_commit > self.max_len:
-            raise RuntimeError(f"KV cache full: {L0} + {n_commit} tokens > max_len {self.max_len}")
+        L0 = self.length
         S = self._streams(k.shape[0])
-        if n_commit:
-            self.kv[layer, 0, :, :, L0:L0 + n_commit] = k[:B, :, :n_commit]
-            self.kv[layer, 1, :, :, L0:L0 + n_commit] = v[:B, :, :n_commit]
-        ck = self.kv[layer, 0, :, :, :L0]  # (B, H, L0, D)
-        cv = self.kv[layer, 1, :, :, :L0]  # (B, H, L0, D)
+        self.commit(layer, k, v, n_commit)
+        ck, cv = self.committed(layer, L0)  # (B, H, L0, D) each
         if S > 1:
             ck, cv = ck.repeat(S, 1, 1, 1), cv.repeat(S, 1, 1, 1)  # (S*B, H, L0, D)
         return torch.cat([ck, k], 2), torch.cat([cv, v], 2)  # (S*B, H, L0 + n, D)
+
+    def commit(self, layer: int, k: Tensor, v: Tensor, n_commit: int) -> None:
+        """Write the first n_commit new tokens' K/V (k/v (S*B, H, n, D), first stream) at the end."""
+        B, L0 = self.batch, self.length
+        if L0 + n_commit > self.max_len:
+            raise RuntimeError(f"KV cache full: {L0} + {n_commit} tokens > max_len {self.max_len}")
+        self._streams(k.shape[0])
+        if n_commit:
+            self.kv[layer, 0, :, :, L0:L0 + n_commit] = k[:B, :, :n_commit]
+            self.kv[layer, 1, :, :, L0:L0 + n_commit] = v[:B, :, :n_commit]
+
+    def committed(self, layer: int, n: int) -> tuple[Tensor, Tensor]:
+        """Views (B, H, n, D) of the first n committed keys and values of a layer."""
+        return self.kv[layer, 0, :, :, :n], self.kv[layer, 1, :, :, :n]
 
     def advance(self, n_commit: int, new: Layout) -> None:
         """After all layers: the committed tokens' (doc, step) become part of the cache."""
