@@ -38,6 +38,7 @@ class ClassImageConfig:
     block: int = 64  # patches per block (a square number, or the whole image)
     hflip: bool = False
     class_dropout: float = 0.1
+    snr_gamma: float = 0.0  # Min-SNR-gamma loss weighting (0: plain epsilon MSE, as the paper)
     cfg_scale: float = 1.5
     sample_steps: int = 25
     scheduler: str = "dpm"
@@ -63,7 +64,7 @@ class ClassImageTask(Task):
         # training drops each image's last clean block: nothing attends to it
         self.train_spec = dataclasses.replace(self.spec, drop_dead_clean=True)
         self.scheduler = train_scheduler()
-        self.loss_cfg = LossConfig(class_dropout=t.class_dropout)
+        self.loss_cfg = LossConfig(class_dropout=t.class_dropout, snr_gamma=t.snr_gamma)
         self._data = None
 
     # -------------------------------------------------------------- data
@@ -144,14 +145,16 @@ class ClassImageTask(Task):
         out_dir.mkdir(parents=True, exist_ok=True)
         n = min(t.eval_samples, 200) if quick else t.eval_samples
         k = t.num_classes
-        labels = torch.arange(n) % k
+        g = min(k, 10)
+        grid_labels = torch.arange(g).repeat_interleave(g)  # a row per class
+        # the grid's digits are the first evaluation samples when the classes allow it
+        shared = k == g and n >= g * g
+        labels = torch.cat([grid_labels, torch.arange(n - g * g) % k]) if shared else torch.arange(n) % k
         imgs = []
         for i, chunk in enumerate(tqdm(labels.split(t.eval_batch), desc="sampling", leave=False)):
             imgs.append(self.generate(model, chunk, seed=1000 + i).cpu())
         imgs = torch.cat(imgs)  # (n, C, H, W)
-        g = min(k, 10)
-        grid_labels = torch.arange(g).repeat_interleave(g)
-        grid = self.generate(model, grid_labels, seed=7).cpu()
+        grid = imgs[:g * g] if shared else self.generate(model, grid_labels, seed=7).cpu()
         grid_path = save_image_grid(grid, out_dir / "class_grid.png", nrow=g, scale=3)
         u8 = to_uint8(imgs)  # (n, C, H, W)
         np.savez(out_dir / "samples.npz", arr_0=u8.transpose(0, 2, 3, 1), labels=labels.numpy())  # ADM layout NHWC

@@ -53,6 +53,7 @@ class ClassVideoConfig:
     frames_per_block: int = 4  # frames per autoregressive block
     hflip: bool = False  # random horizontal flips (a latent cache's latent_flip column when it has one)
     class_dropout: float = 0.1
+    snr_gamma: float = 0.0  # Min-SNR-gamma loss weighting (0: plain epsilon MSE, as the paper)
     cfg_scale: float = 2.5
     sample_steps: int = 25
     scheduler: str = "dpm"
@@ -90,7 +91,7 @@ class ClassVideoTask(Task):
         self.sample_spec = PackSpec(patch_size=cfg.model.patch_size, latent_channels=cfg.model.latent_channels,
                                     positions=t.positions)
         self.scheduler = train_scheduler()
-        self.loss_cfg = LossConfig(class_dropout=t.class_dropout)
+        self.loss_cfg = LossConfig(class_dropout=t.class_dropout, snr_gamma=t.snr_gamma)
         self._data = None
 
     # -------------------------------------------------------------- data

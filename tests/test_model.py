@@ -187,3 +187,34 @@ def test_block_broadcast_modulation_equals_per_token_lookup(monkeypatch):
         outs.append((eps.detach(), g))
     torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(outs[0][1], outs[1][1], atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 5.0])
+def test_min_snr_loss_equals_a_per_block_loop(gamma):
+    """The image loss, plain or Min-SNR-gamma weighted, recomputed block by block from the
+    scheduler's alphas_cumprod: w = min(SNR, gamma) / SNR with SNR = abar / (1 - abar)."""
+    model = randomised(tiny("sdpa")).float()
+    s = [Sample([Image(torch.randn(2, 4, 4), block=4)], label=i) for i in range(3)]
+    packed = pack(s, PackSpec())
+    sched = train_scheduler()
+    t = torch.tensor([3, 40, 200, 500, 999, 10, 700, 1, 250, 600, 80, 900])[:packed.n_blocks]
+    g = torch.Generator().manual_seed(0)
+    from unimodal.diffusion import draw, noise_blocks
+    d = draw(packed, 1000, 0.0, g)
+    loss, parts = training_loss(model, packed, sched, LossConfig(class_dropout=0.0, snr_gamma=gamma), draws=d, t=t)
+    with torch.no_grad():
+        y = packed.block_label.clone()
+        eps_hat = model(model_input(packed, noise_blocks(packed, sched, t, d.eps), t, y)).eps
+    num, den = 0.0, 0
+    for r in range(packed.noisy.shape[0]):
+        for i in range(packed.noisy.shape[1]):
+            if packed.noisy[r, i]:
+                b = int(packed.block_id[r, i])
+                abar = float(sched.alphas_cumprod[t[b]])
+                snr = abar / (1 - abar)
+                w = min(snr, gamma) / snr if gamma > 0 else 1.0
+                num += w * float(((eps_hat[r, i] - d.eps[r, i]) ** 2).mean())
+                den += 1
+    assert abs(float(parts["image"]) - num / den) < 1e-5 * max(1.0, num / den)
+    if gamma > 0:  # the weights really differ from 1 on these timesteps
+        assert abs(float(parts["image"]) - float(F.mse_loss(eps_hat[packed.noisy.bool()], d.eps[packed.noisy.bool()]))) > 1e-4

@@ -52,6 +52,10 @@ class ModelConfig:
     vocab_size: int = 0
     qk_norm: bool = True
     norm_eps: float = 1e-6
+    # init std of the class embedding (DiT: 0.02). The conditioning vector is t_emb + y_emb and the
+    # timestep embedding soon grows to norm ~10-30, so a small model trained for minutes needs the
+    # labels to start at a comparable scale to be heard at all
+    class_embed_std: float = 0.02
     # RoPE-ND: number of axes (3 = M-RoPE layout for mixed sequences, 2 = (h, w) image-only),
     # the head-dim split between axes, the largest position per axis (sets each axis' base),
     # and the frequency rule: "paper" (DESIGN.md section 3) or "reference" (thunlp/ACDiT rope.py)

@@ -2,7 +2,10 @@
 
 Training noises every block with its own t ~ U{0..999} through diffusers' DDPMScheduler
 (1000 steps, linear betas, as the reference) and regresses epsilon; text positions are
-trained with next-token cross-entropy. total = text_weight * CE + image_weight * MSE.
+trained with next-token cross-entropy. total = text_weight * CE + image_weight * MSE, where the
+MSE may weight each block by min(SNR(t), gamma) / SNR(t) (Min-SNR-gamma, Hang et al. 2023; off by
+default, as in the paper), which shifts the effort from nearly clean blocks to the high-noise
+ones that decide a sample's global shape.
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers.training_utils import compute_snr
 from torch import Tensor
 
 from .model import ACDiT, ModelInput
@@ -40,6 +44,7 @@ class LossConfig:
     text_weight: float = 1.0
     image_weight: float = 1.0
     class_dropout: float = 0.1  # probability of replacing a sample's label with the null class
+    snr_gamma: float = 0.0  # > 0: Min-SNR-gamma weight min(SNR, gamma) / SNR per block (epsilon loss)
 
 
 @dataclass
@@ -124,7 +129,12 @@ def training_loss(model: ACDiT, packed: Packed, scheduler: DDPMScheduler, cfg: L
     parts: dict[str, Tensor] = {}
     noisy = packed.noisy.bool()
     if noisy.any():
-        mse = F.mse_loss(out.eps[noisy].float(), eps[noisy].float())
+        err = (out.eps[noisy].float() - eps[noisy].float()).square().mean(-1)  # (N_noisy,)
+        if cfg.snr_gamma > 0:
+            snr = compute_snr(scheduler, t)  # (n_blocks,)
+            w = snr.clamp(max=cfg.snr_gamma) / snr  # (n_blocks,)
+            err = err * w[packed.block_id[noisy]]  # (N_noisy,)
+        mse = err.mean()
         total = total + cfg.image_weight * mse
         parts["image"] = mse.detach()
     if out.logits is not None and out.logits.shape[0] > 0:

@@ -181,7 +181,7 @@ class ACDiT(nn.Module):
                     nn.init.zeros_(m.bias)
         self.apply(basic)
         if self.y_embedder is not None:
-            nn.init.normal_(self.y_embedder.weight, std=0.02)
+            nn.init.normal_(self.y_embedder.weight, std=self.cfg.class_embed_std)
         if self.tok_embedder is not None:
             nn.init.normal_(self.tok_embedder.weight, std=0.02)
             nn.init.zeros_(self.lm_head.weight)
