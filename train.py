@@ -199,9 +199,12 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
                 with ema_weights(model, ema):
                     for p in task.preview(model.eval(), out / "samples", step + 1):
                         _log_image(writer, p, step + 1)
-            if cfg.time_limit_min > 0 and step + 1 == start + 8:
-                per_step = (time.perf_counter() - t_start) / 8
-                fit = start + int(cfg.time_limit_min * 60 / per_step)
+            if cfg.time_limit_min > 0 and step + 1 == start + 4:
+                t_warm = time.perf_counter()  # the first steps (allocation, mask caches) are not typical
+            if cfg.time_limit_min > 0 and step + 1 == start + 16:
+                now = time.perf_counter()
+                per_step = (now - t_warm) / 12
+                fit = step + 1 + int(max(0.0, cfg.time_limit_min * 60 - (now - t_start)) / per_step)
                 if fit < total:
                     total = max(fit, step + 2)
                     cfg = dataclasses.replace(cfg, steps=total)
