@@ -98,25 +98,29 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     ap.add_argument("--quick", action="store_true", help="a small evaluation (fewer samples)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g = ap.add_argument_group("sampling (a run's task settings, or a converted checkpoint's)")
+    g.add_argument("--samples", type=int, default=None, help="number of class-balanced samples "
+                   "(task.eval_samples; 1000 for converted checkpoints)")
+    g.add_argument("--batch", type=int, default=None, help="samples per sampling batch (task.eval_batch; 50)")
+    g.add_argument("--cfg", type=float, default=None, help="guidance scale (task.cfg_scale; default: the checkpoint's)")
+    g.add_argument("--steps", type=int, default=None, help="solver steps per block (task.sample_steps; 25)")
     g = ap.add_argument_group("converted official checkpoints")
-    g.add_argument("--samples", type=int, default=1000, help="number of class-balanced samples")
-    g.add_argument("--batch", type=int, default=50)
     g.add_argument("--reference", default=None, help="reference data for FID / FVD (ImageFolder, UCF-101 root)")
     g.add_argument("--vae", default=None, help="local diffusers AutoencoderKL directory (the SD VAE)")
-    g.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the checkpoint's)")
-    g.add_argument("--steps", type=int, default=None, help="solver steps per block (default: 25)")
     g.add_argument("--inception", default=None, help="local TorchScript Inception file")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
+    flags = {"eval_samples": args.samples, "eval_batch": args.batch, "cfg_scale": args.cfg, "sample_steps": args.steps}
     c = Path(args.checkpoint)
     try:
         cfg_file = c / "config.json"
         converted = cfg_file.is_file() and json.loads(cfg_file.read_text()).get("format", "").startswith("unimodal-acdit")
         if converted:
-            m = evaluate_converted(c, args.out or c / "eval", args.samples, args.batch, args.reference, args.vae,
-                                   args.cfg, args.steps, args.device, args.inception)
+            m = evaluate_converted(c, args.out or c / "eval", args.samples or 1000, args.batch or 50, args.reference,
+                                   args.vae, args.cfg, args.steps, args.device, args.inception)
         else:
-            m = evaluate_run(c, args.out, ema=not args.no_ema, quick=args.quick, overrides=args.overrides,
-                             device=args.device)
+            extra = [f"task.{k}={v}" for k, v in flags.items() if v is not None]
+            m = evaluate_run(c, args.out, ema=not args.no_ema, quick=args.quick,
+                             overrides=list(args.overrides) + extra, device=args.device)
     except (ckpt.CheckpointError, FileNotFoundError, KeyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -17,7 +17,7 @@ from unimodal import checkpoint as ckpt
 from unimodal.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["model.depth=2", "model.hidden_size=64", "model.num_heads=1", "model.patch_size=4", "task.block=16",
+TINY = ["model.depth=2", "model.hidden_size=64", "model.num_heads=1",
         "global_batch=4", "log_every=1", "eval_at_end=False", "optim.warmup_steps=2", "optim.lr=1e-3",
         "ema_decay=0.99", "precision=fp32"]
 
@@ -154,6 +154,13 @@ def test_evaluate_writes_grid_npz_and_metrics(tmp_path):
     assert (tmp_path / "ev/class_grid.png").is_file()
     import numpy as np
     z = np.load(tmp_path / "ev/samples.npz")
-    assert z["arr_0"].shape == (10, 32, 32, 1) and z["arr_0"].dtype == np.uint8
+    assert z["arr_0"].shape == (10, 28, 28, 1) and z["arr_0"].dtype == np.uint8
     assert 0.0 <= m["class_accuracy"] <= 1.0 and m["weights"] == "ema"
     assert json.loads((tmp_path / "ev/metrics.json").read_text())["samples"] == 10
+    # the command line's sampling flags reach the task's settings
+    evaluate.main([str(tmp_path), "--samples", "20", "--batch", "20", "--steps", "2", "--cfg", "3.0",
+                   "--out", str(tmp_path / "ev2"), "task.hflip=False"])
+    assert json.loads((tmp_path / "ev2/metrics.json").read_text())["samples"] == 20
+    with pytest.raises(SystemExit) as e:  # a key the task does not have fails, naming it
+        evaluate.main([str(tmp_path), "task.no_such_key=1", "--out", str(tmp_path / "ev3")])
+    assert e.value.code == 2
