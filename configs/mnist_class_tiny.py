@@ -1,7 +1,7 @@
 """Class-conditional MNIST in pixel space, the embedded default (`make demo`).
 
-Digits zero-padded to 32x32, patch 4 -> an 8x8 token grid cut into 4 blocks of 4x4 patches
-(4 autoregressive steps, as in the paper's ImageNet setting). Training fits its step count
+28x28 digits, patch 7 -> a 4x4 token grid cut into 4 blocks of 2x2 patches (4 autoregressive
+steps, as in the paper's ImageNet setting; each block is one 14x14 quadrant). Training fits its step count
 to a wall-time budget (time_limit_min) measured after the first steps; evaluation samples
 class-balanced digits with DPM-Solver and guidance, writes a 10x10 class grid and scores them
 with the project's MNIST classifier."""
@@ -9,13 +9,14 @@ from tasks.class_image import ClassImageConfig
 from unimodal.config import ModelConfig, OptimConfig, TrainConfig
 
 config = TrainConfig(
-    task=ClassImageConfig(dataset="mnist", image_size=32, num_classes=10, codec="pixel", block=16,
-                          cfg_scale=1.5, sample_steps=25, eval_samples=200, eval_batch=100),
-    model=ModelConfig(depth=6, hidden_size=256, num_heads=4, mlp_act="gelu", latent_channels=1, patch_size=4,
-                      num_classes=10, rope_axes=3, rope_split=(2, 3, 3), rope_max_pos=(32, 32, 32)),
-    optim=OptimConfig(lr=1e-3, warmup_steps=100, decay_frac=0.3, grad_clip=1.0),
+    task=ClassImageConfig(dataset="mnist", image_size=28, num_classes=10, codec="pixel", block=4,
+                          snr_gamma=5.0, cfg_scale=4.0, sample_steps=25, eval_samples=200, eval_batch=100),
+    model=ModelConfig(depth=6, hidden_size=256, num_heads=4, mlp_act="gelu", latent_channels=1, patch_size=7,
+                      num_classes=10, class_embed_std=1.0, rope_axes=3, rope_split=(2, 3, 3),
+                      rope_max_pos=(32, 32, 32)),
+    optim=OptimConfig(lr=2e-3, warmup_steps=50, decay_frac=0.3, grad_clip=1.0),
     steps=6000,
-    time_limit_min=5.0,
+    time_limit_min=7.0,
     global_batch=64,
     precision="bf16",
     ema_decay=0.999,

@@ -15,7 +15,7 @@ from unimodal.config import OptimConfig, TrainConfig, load_config
 gen = load_config(Path(__file__).with_name("mnist_class_tiny.py"))
 steps, warmup = 2000, 100
 config = TrainConfig(
-    task=ClassifyConfig(dataset="mnist", image_size=32, num_classes=10, codec="pixel", block=gen.task.block,
+    task=ClassifyConfig(dataset="mnist", image_size=gen.task.image_size, num_classes=10, codec="pixel", block=gen.task.block,
                         label_smoothing=0.1, mixup=0.0, cutmix=0.0, head_init_std=2e-5, eval_batch=500),
     model=gen.model,
     optim=OptimConfig(lr=1e-3, betas=(0.9, 0.999), weight_decay=0.05, warmup_steps=warmup,

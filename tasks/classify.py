@@ -30,7 +30,7 @@ from unimodal.codecs import PixelCodec, VAECodec
 from unimodal.config import ModelConfig
 from unimodal.masks import Layout
 from unimodal.model import ACDiT, ModelInput
-from unimodal.sequence import Image, PackSpec, image_block_shape, lay_out, patchify_image
+from unimodal.sequence import Image, PackSpec, lay_out, patchify_image
 
 from .base import Task, _seed
 
@@ -64,16 +64,13 @@ def clean_input(latents: Tensor, spec: PackSpec, block) -> ModelInput:
     """(N, C, H, W) latents -> a ModelInput of clean blocks only: each row one image segment cut
     into blocks of `block` patches, in the positions and units pretraining gave its clean copy;
     no noised copy and no conditioning row, so attention is block-causal and nothing is modulated."""
-    N = latents.shape[0]
-    lay = lay_out(Image(latents[0].cpu(), block=block), spec)  # one image: its units and positions
+    lay = lay_out(Image(latents[0].cpu(), block=block), spec)  # the units and positions of one image
     nb, bs, P = lay.values.shape
-    _, _, kh, kw = image_block_shape(Image(latents[0], block=block), spec.patch_size)
-    patches = torch.stack([patchify_image(z, spec.patch_size, kh, kw) for z in latents]).reshape(N, nb * bs, P)  # (N, L, P)
-    dev = latents.device
-    L = nb * bs
+    N, L, (_, _, kh, kw), dev = latents.shape[0], nb * bs, lay.grid, latents.device
+    patches = torch.stack([patchify_image(z, spec.patch_size, kh, kw) for z in latents]).reshape(N, L, P)  # (N, L, P)
     step = lay.steps.repeat_interleave(bs).to(dev)[None].expand(N, L)  # (N, L)
-    zeros = torch.zeros(N, L, dtype=torch.long, device=dev)
     pos = lay.pos.reshape(1, L, -1).to(dev).expand(N, L, -1)  # (N, L, A)
+    zeros = torch.zeros(N, L, dtype=torch.long, device=dev)
     return ModelInput(tokens=zeros, patches=patches, is_text=torch.zeros(N, L, dtype=torch.bool, device=dev),
                       layout=Layout(zeros, step, zeros), pos=pos, cond_index=zeros - 1,
                       t=torch.zeros(0, device=dev), y=torch.zeros(0, dtype=torch.long, device=dev))

@@ -218,3 +218,75 @@ def test_imagenet_configs_build():
     assert ft.optim.layer_decay == 0.75 and ft.optim.weight_decay == 0.05 and ft.task.label_smoothing == 0.1
     assert (ft.task.mixup, ft.task.cutmix, ft.task.switch_prob) == (0.8, 1.0, 0.5)
     assert round(ft.steps * ft.global_batch / 1_281_167) == 100
+
+
+# ----------------------------------------------------------------------------- measured accuracies
+
+# The generator config at a smaller width and depth, so that a CI test can pretrain it in seconds;
+# all runs below go through train.train and the repository configs.
+SMALL = ["model.depth=4", "model.num_heads=2", "model.hidden_size=128", "time_limit_min=0"]
+
+
+def _probe(out, init: str, n_train: int, n_test: int, shape=SMALL) -> dict:
+    cfg = load_config("configs/mnist_probe_tiny.py", list(shape) + [
+        "steps=300", "global_batch=256", "optim.warmup_steps=20", "time_limit_min=0", f"task.train_limit={n_train}",
+        f"task.test_limit={n_test}", f"init_from={init}", f"out_dir={out}", "ckpt_every=100000"])
+    return train.train(cfg, quiet=True)["eval"]
+
+
+def _finetune(out, init: str, steps: int, n_test: int, shape=SMALL) -> dict:
+    cfg = load_config("configs/mnist_finetune_tiny.py", list(shape) + [
+        f"steps={steps}", "global_batch=64", "optim.warmup_steps=50", f"optim.decay_frac={1 - 50 / steps}",
+        "time_limit_min=0", f"task.test_limit={n_test}", f"init_from={init}", f"out_dir={out}", "ckpt_every=100000"])
+    return train.train(cfg, quiet=True)["eval"]
+
+
+def test_short_finetune_learns(tmp_path):
+    """From a briefly trained generator, 150 fine-tuning steps take top-1 far above chance (0.1)."""
+    gen = _generator(tmp_path, 50, SMALL, ["global_batch=32", "optim.warmup_steps=10"])
+    m = _finetune(tmp_path / "ft", gen, 150, 1000)
+    assert m["top1"] >= 0.6, m
+
+
+def test_probe_is_frozen_and_reads_the_features(tmp_path):
+    """The probe never moves the backbone, and BatchNorm + linear on mean-pooled features of even a
+    random backbone reads digits far above chance (the baseline the pretrained one must beat)."""
+    gen = _generator(tmp_path, 1, SMALL, ["global_batch=2"])
+    m = _probe(tmp_path / "probe", gen, 1000, 500)
+    assert m["top1"] >= 0.4, m
+    from unimodal import checkpoint as ckpt
+    before, after = ckpt.load_weights(gen, ema=True), ckpt.load_weights(tmp_path / "probe")
+    for k, v in before.items():
+        assert torch.equal(after[f"backbone.{k}"], v), k
+
+
+def _demo_generator(out, steps: int) -> str:
+    """The `make demo` generator at its own shape, trained for a fixed number of steps."""
+    cfg = load_config("configs/mnist_class_tiny.py", [f"steps={steps}", "time_limit_min=0", f"ckpt_every={steps}",
+                                                      "eval_at_end=False", f"out_dir={out}"])
+    train.train(cfg, quiet=True)
+    return str(out)
+
+
+@pytest.mark.slow
+def test_probe_of_trained_generator_beats_random_init_by_a_wide_margin(tmp_path):
+    """Representation must-show: the same linear probe (10k train / 10k test digits) on the demo
+    generator after 600 steps vs after one step at lr 0 (its random initialisation)."""
+    trained = _demo_generator(tmp_path / "trained", 600)
+    cfg = load_config("configs/mnist_class_tiny.py", ["steps=1", "optim.lr=0.0", "time_limit_min=0", "ckpt_every=1",
+                                                      "eval_at_end=False", f"out_dir={tmp_path / 'random'}"])
+    train.train(cfg, quiet=True)
+    a = _probe(tmp_path / "probe_trained", trained, 10000, 10000, shape=[])
+    b = _probe(tmp_path / "probe_random", str(tmp_path / "random"), 10000, 10000, shape=[])
+    print(f"linear probe top-1: trained {a['top1']:.4f}, random init {b['top1']:.4f}")
+    assert a["top1"] >= b["top1"] + 0.05 and a["top1"] >= 0.9, (a, b)
+
+
+@pytest.mark.slow
+def test_finetuning_reaches_98_percent_on_mnist_test(tmp_path):
+    """Representation must-show: fine-tuning the demo generator reaches >= 98% top-1 on all 10k
+    MNIST test digits."""
+    gen = _demo_generator(tmp_path / "gen", 300)
+    m = _finetune(tmp_path / "ft", gen, 2000, 0, shape=[])
+    print(f"fine-tuned top-1 on the MNIST test set: {m['top1']:.4f} ({m['examples']} examples)")
+    assert m["examples"] == 10000 and m["top1"] >= 0.98, m
