@@ -27,9 +27,9 @@ demo: setup
 	$(BIN)/python train.py configs/mnist_class_tiny.py
 
 bench: setup
-	$(BIN)/python bench/attention.py
-	$(BIN)/python bench/sampling.py
-	$(BIN)/python bench/train.py
+	$(BIN)/python bench/attention.py --readme
+	$(BIN)/python bench/sampling.py --readme
+	$(BIN)/python bench/train.py --readme
 
 clean-venv:
 	rm -rf $(VENV)

@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import matmul_peak, out, write_readme  # noqa: E402
 from unimodal import masks  # noqa: E402
 from unimodal.attention import AttnContext, attend  # noqa: E402
 from unimodal.sequence import Image, PackSpec, Sample, pack  # noqa: E402
@@ -36,11 +38,6 @@ def timeit(fn, reps: int, warmup: int = 1) -> float:
         fn()
         ts.append(time.perf_counter() - t0)
     return statistics.median(ts)
-
-
-def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    return 2 * n ** 3 / timeit(lambda: a @ b, reps, warmup=2)
 
 
 def scam_layout(L: int, blocks: int):
@@ -85,27 +82,30 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--readme", action="store_true", help="write this run's output into README.md's results")
     args = ap.parse_args()
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch {args.batch}, "
+    out(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch {args.batch}, "
           f"heads {args.heads}, head_dim {args.head_dim}; times are forward + backward")
     last = None
     for dname in args.dtypes:
         dtype = DTYPES[dname]
         peak = matmul_peak(dtype)
-        print(f"\n[{dname}] matmul peak measured: {peak / 1e12:.3f} TFLOP/s (2048^3)")
-        print(f"{'L':>6} {'blocks':>6} {'density':>8} {'ideal ms':>9} {'sdpa ms':>9} {'x ideal':>8} "
+        out(f"\n[{dname}] matmul peak measured: {peak / 1e12:.3f} TFLOP/s (2048^3)")
+        out(f"{'L':>6} {'blocks':>6} {'density':>8} {'ideal ms':>9} {'sdpa ms':>9} {'x ideal':>8} "
               f"{'block ms':>9} {'x ideal':>8} {'speed-up':>8}")
         for L in args.lengths:
             for nb in args.blocks:
                 r = run(L, nb, dtype, args.batch, args.heads, args.head_dim, args.reps, peak)
-                print(f"{L:>6} {nb:>6} {r['density']:>8.3f} {r['ideal_s'] * 1e3:>9.1f} {r['sdpa'] * 1e3:>9.1f} "
+                out(f"{L:>6} {nb:>6} {r['density']:>8.3f} {r['ideal_s'] * 1e3:>9.1f} {r['sdpa'] * 1e3:>9.1f} "
                       f"{r['sdpa'] / r['ideal_s']:>8.2f} {r['block'] * 1e3:>9.1f} {r['block'] / r['ideal_s']:>8.2f} "
-                      f"{r['sdpa'] / r['block']:>8.2f}", flush=True)
+                      f"{r['sdpa'] / r['block']:>8.2f}")
                 if nb == max(args.blocks):
                     last = (dname, L, nb, r['block'] / r['ideal_s'])
     dname, L, nb, ratio = last
-    print(f"RESULT block-path time / FLOPs-ideal ({dname}, L={L}, {nb} blocks): {ratio:.2f} (target 1.5)")
+    out(f"RESULT block-path time / FLOPs-ideal ({dname}, L={L}, {nb} blocks): {ratio:.2f} (target 1.5)")
+    if args.readme:
+        write_readme("attention")
 
 
 if __name__ == "__main__":

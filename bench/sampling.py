@@ -10,6 +10,8 @@ mask. The predicted speed-up is the ratio of these totals over the whole generat
 Part 1 prints measured wall-time ratios beside that prediction for a tiny config at 4, 16 and
 64 blocks and an ACDiT-B-shaped config at 4 blocks. Part 2 prints cached sampling time against
 the number of blocks at total lengths 1k, 4k and 16k tokens (the shape of the paper's Fig. 6).
+Part 3 prints images/s and sampling MFU (counted FLOPs / time / bf16 matmul peak measured in the
+same run) for both configs with guidance in bf16 autocast, batch 8, 4 blocks of 256 tokens.
 
     python bench/sampling.py            # a few minutes
     python bench/sampling.py --quick    # smaller part 2
@@ -25,6 +27,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import matmul_peak, out, write_readme  # noqa: E402
 from unimodal.config import ModelConfig  # noqa: E402
 from unimodal.model import ACDiT  # noqa: E402
 from unimodal.sampling import SequenceSampler  # noqa: E402
@@ -52,9 +56,10 @@ def predicted_flops(n_blocks: int, block: int, steps: int, depth: int, d: int, c
     return total
 
 
-def time_sampling(model, spec, labels, C, H, W, blk, steps, mode, cfg_scale) -> float:
+def time_sampling(model, spec, labels, C, H, W, blk, steps, mode, cfg_scale, precision="fp32") -> float:
     s = SequenceSampler(model, spec, labels.shape[0], labels, cfg_scale=cfg_scale, steps=steps,
-                        max_len=H * W + 64, generator=torch.Generator().manual_seed(0), mode=mode)
+                        max_len=H * W + 64, generator=torch.Generator().manual_seed(0), mode=mode,
+                        precision=precision)
     t0 = time.perf_counter()
     s.image(C, H, W, block=blk)
     return time.perf_counter() - t0
@@ -71,13 +76,17 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5, help="solver steps per block in part 1")
     ap.add_argument("--fig6-steps", type=int, default=2, help="solver steps per block in part 2")
     ap.add_argument("--quick", action="store_true", help="part 2 at 1k and 4k tokens only")
-    ap.add_argument("--skip-b", action="store_true", help="skip the ACDiT-B-shaped row")
+    ap.add_argument("--skip-b", action="store_true", help="skip the ACDiT-B-shaped rows")
+    ap.add_argument("--skip-mfu", action="store_true", help="skip part 3 (images/s and sampling MFU)")
+    ap.add_argument("--mfu-steps", type=int, default=25, help="solver steps per block in part 3")
+    ap.add_argument("--mfu-batch", type=int, default=8, help="images per batch in part 3")
+    ap.add_argument("--readme", action="store_true", help="write this run's output into README.md's results")
     args = ap.parse_args()
     torch.manual_seed(0)
     spec = PackSpec(patch_size=1, latent_channels=4)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, batch 1, {args.steps} solver steps")
-    print("\nPart 1: full recomputation / cached sampling")
-    print(f"{'config':<16} {'blocks':>6} {'tokens':>6} {'cached s':>9} {'recompute s':>11} {'measured':>9} "
+    out(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, batch 1, {args.steps} solver steps")
+    out("\nPart 1: full recomputation / cached sampling")
+    out(f"{'config':<16} {'blocks':>6} {'tokens':>6} {'cached s':>9} {'recompute s':>11} {'measured':>9} "
           f"{'predicted':>9} {'ratio':>6}")
     rows = []
     configs = [("tiny", tiny_model(), 32, n) for n in (4, 16, 64)]
@@ -94,12 +103,11 @@ def main() -> None:
         pred = predicted_flops(nb, blk, args.steps, cfg.depth, cfg.hidden_size, False) / \
             predicted_flops(nb, blk, args.steps, cfg.depth, cfg.hidden_size, True)
         rows.append((tr / tc) / pred)
-        print(f"{name:<16} {nb:>6} {n:>6} {tc:>9.2f} {tr:>11.2f} {tr / tc:>9.2f} {pred:>9.2f} {(tr / tc) / pred:>6.2f}",
-              flush=True)
-    print(f"\nPart 2: cached sampling time vs number of blocks (tiny config, {args.fig6_steps} steps per block)")
+        out(f"{name:<16} {nb:>6} {n:>6} {tc:>9.2f} {tr:>11.2f} {tr / tc:>9.2f} {pred:>9.2f} {(tr / tc) / pred:>6.2f}")
+    out(f"\nPart 2: cached sampling time vs number of blocks (tiny config, {args.fig6_steps} steps per block)")
     lengths = [1024, 4096] if args.quick else [1024, 4096, 16384]
     model = tiny_model()
-    print(f"{'tokens':>6} " + " ".join(f"{'blocks=' + str(b):>11}" for b in (1, 4, 16, 64, 256)))
+    out(f"{'tokens':>6} " + " ".join(f"{'blocks=' + str(b):>11}" for b in (1, 4, 16, 64, 256)))
     for L in lengths:
         side = math.isqrt(L)
         cells = []
@@ -111,8 +119,29 @@ def main() -> None:
             t = time_sampling(model, spec, torch.zeros(1, dtype=torch.long), 4, side, side, blk if nb > 1 else None,
                               args.fig6_steps, "cache", 1.0)
             cells.append(f"{t:>10.2f}s")
-        print(f"{L:>6} " + " ".join(cells), flush=True)
-    print(f"RESULT cached speed-up / predicted FLOP ratio (worst of part 1): {min(rows):.2f} (target 0.8)")
+        out(f"{L:>6} " + " ".join(cells))
+    if not args.skip_mfu:
+        out(f"\nPart 3: cached sampling throughput, bf16 autocast, batch {args.mfu_batch}, guidance 1.5 (2 streams), "
+            f"4 blocks of 256 tokens (32x32x4 latents, patch 1), {args.mfu_steps} steps per block")
+        peak = matmul_peak(torch.bfloat16)
+        out(f"bf16 matmul peak measured: {peak / 1e12:.3f} TFLOP/s (2048^3); FLOPs counted as in part 1 (dense layers "
+            f"+ allowed attention pairs, both streams)")
+        mfu_cfgs = [("tiny", tiny_model())]
+        if not args.skip_b:
+            mfu_cfgs.append(("ACDiT-B-shaped", ACDiT(ModelConfig.preset("ACDiT-B", latent_channels=4, patch_size=1,
+                                                                       num_classes=1000)).eval()))
+        for name, model in mfu_cfgs:
+            labels = torch.arange(args.mfu_batch) % model.cfg.num_classes
+            time_sampling(model, spec, labels[:1], 4, 32, 32, 256, 1, "cache", 1.5, "bf16")  # warm-up
+            t = time_sampling(model, spec, labels, 4, 32, 32, 256, args.mfu_steps, "cache", 1.5, "bf16")
+            cfg = model.cfg
+            flops = args.mfu_batch * predicted_flops(4, 256, args.mfu_steps, cfg.depth, cfg.hidden_size, True, streams=2)
+            out(f"{name:<16} {t:>8.1f} s  {args.mfu_batch / t:>7.3f} images/s  {flops / t / 1e12:.3f} TFLOP/s  "
+                f"MFU {flops / t / peak * 100:5.1f}%")
+        out(f"(sampling MFU of the last row; target 25%: {flops / t / peak * 100:.1f}%)")
+    out(f"RESULT cached speed-up / predicted FLOP ratio (worst of part 1): {min(rows):.2f} (target 0.8)")
+    if args.readme:
+        write_readme("sampling")
 
 
 if __name__ == "__main__":

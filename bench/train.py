@@ -21,23 +21,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import matmul_peak, out, write_readme  # noqa: E402
 from unimodal import masks  # noqa: E402
 from unimodal.config import ModelConfig  # noqa: E402
 from unimodal.diffusion import LossConfig, train_scheduler, training_loss  # noqa: E402
 from unimodal.model import ACDiT  # noqa: E402
 from unimodal.sequence import Image, PackSpec, Sample, pack  # noqa: E402
-
-
-def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        a @ b
-        ts.append(time.perf_counter() - t0)
-    return 2 * n ** 3 / min(ts)
 
 
 def step_flops(cfg: ModelConfig, packed) -> float:
@@ -79,10 +69,11 @@ def main() -> None:
     ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--skip-b", action="store_true")
+    ap.add_argument("--readme", action="store_true", help="write this run's output into README.md's results")
     args = ap.parse_args()
     peak_bf16, peak_fp32 = matmul_peak(torch.bfloat16), matmul_peak(torch.float32)
     peak = peak_bf16 if args.precision == "bf16" else peak_fp32
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; matmul peak 2048^3: "
+    out(f"torch {torch.__version__}, {torch.get_num_threads()} threads; matmul peak 2048^3: "
           f"bf16 {peak_bf16 / 1e12:.3f} TFLOP/s, fp32 {peak_fp32 / 1e12:.3f} TFLOP/s; training in {args.precision}")
     rows = []
     tiny = ModelConfig(depth=6, hidden_size=256, num_heads=4, mlp_act="gelu", latent_channels=1, patch_size=4,
@@ -98,13 +89,15 @@ def main() -> None:
                                                  for i in range(2)], args.steps, args.precision, peak))
         print_row(rows[-1])
     peak_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"peak resident memory {peak_mem:,.0f} MiB")
+    out(f"peak resident memory {peak_mem:,.0f} MiB")
     last = rows[-1]
-    print(f"RESULT training MFU, {last['name']} ({args.precision}): {last['mfu'] * 100:.1f}% (target 40%)")
+    out(f"RESULT training MFU, {last['name']} ({args.precision}): {last['mfu'] * 100:.1f}% (target 40%)")
+    if args.readme:
+        write_readme("train")
 
 
 def print_row(r: dict) -> None:
-    print(f"{r['name']:<26} {r['params'] / 1e6:7.1f}M params  {r['tokens']:>6} tokens/step  {r['step_s']:7.3f} s/step  "
+    out(f"{r['name']:<26} {r['params'] / 1e6:7.1f}M params  {r['tokens']:>6} tokens/step  {r['step_s']:7.3f} s/step  "
           f"{r['tok_s']:>9,.0f} tok/s  {r['gflop']:>8.1f} GFLOP/step  {r['tflops']:.3f} TFLOP/s  MFU {r['mfu'] * 100:5.1f}%",
           flush=True)
 
