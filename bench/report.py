@@ -27,10 +27,10 @@ def out(line: str = "") -> None:
     _lines.append(line)
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
     """Best-of-reps FLOP/s of an n^3 matrix product in `dtype` on this machine, now."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    for _ in range(2):
+    for _ in range(3):
         a @ b
     ts = []
     for _ in range(reps):

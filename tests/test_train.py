@@ -164,3 +164,21 @@ def test_evaluate_writes_grid_npz_and_metrics(tmp_path):
     with pytest.raises(SystemExit) as e:  # a key the task does not have fails, naming it
         evaluate.main([str(tmp_path), "task.no_such_key=1", "--out", str(tmp_path / "ev3")])
     assert e.value.code == 2
+
+
+@pytest.mark.slow
+def test_bf16_training_loss_stays_within_2_percent_of_fp32(tmp_path):
+    """200 steps of the demo config (its own shape) in bf16 autocast and in fp32, same seed and
+    data: the mean training loss, over all steps and over the last 50, agrees within 2%."""
+    runs = {}
+    for prec in ("bf16", "fp32"):
+        cfg = load_config(ROOT / "configs/mnist_class_tiny.py", [
+            "steps=200", "time_limit_min=0", "eval_at_end=False", "ckpt_every=1000", "log_every=1",
+            f"precision={prec}", f"out_dir={tmp_path / prec}"])
+        train.train(cfg, quiet=True)
+        runs[prec] = [r["loss"] for r in losses(tmp_path / prec)]
+    import numpy as np
+    for sl in (slice(0, 200), slice(150, 200)):
+        a, b = np.mean(runs["bf16"][sl]), np.mean(runs["fp32"][sl])
+        print(f"steps {sl.start}-{sl.stop}: bf16 {a:.5f} fp32 {b:.5f} ({(a - b) / b * 100:+.2f}%)")
+        assert abs(a - b) / b <= 0.02, (sl, a, b)
