@@ -98,8 +98,7 @@ def main() -> None:
 
 def print_row(r: dict) -> None:
     out(f"{r['name']:<26} {r['params'] / 1e6:7.1f}M params  {r['tokens']:>6} tokens/step  {r['step_s']:7.3f} s/step  "
-          f"{r['tok_s']:>9,.0f} tok/s  {r['gflop']:>8.1f} GFLOP/step  {r['tflops']:.3f} TFLOP/s  MFU {r['mfu'] * 100:5.1f}%",
-          flush=True)
+          f"{r['tok_s']:>9,.0f} tok/s  {r['gflop']:>8.1f} GFLOP/step  {r['tflops']:.3f} TFLOP/s  MFU {r['mfu'] * 100:5.1f}%")
 
 
 if __name__ == "__main__":
