@@ -4,12 +4,11 @@ WSD over the last 15%, EMA 0.9999, DPM-Solver 25 steps, CFG 1.5) with the H mode
 import dataclasses
 from pathlib import Path
 
-from unimodal.config import ModelConfig, load_config
+from unimodal.config import load_config
 
 _base = load_config(Path(__file__).with_name("imagenet256_acdit_l.py"))
 config = dataclasses.replace(
     _base,
-    model=dataclasses.replace(_base.model, **{k: v for k, v in dataclasses.asdict(ModelConfig.preset("ACDiT-H")).items()
-                                              if k in ("depth", "hidden_size", "num_heads")}),
+    model=_base.model.sized_as("ACDiT-H"),
     out_dir="runs/imagenet256_acdit_h",
 )

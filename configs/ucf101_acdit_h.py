@@ -6,12 +6,11 @@ setting (16 frames, SD-VAE latents, patch 2, blocks of 4 frames, batch 96, CFG 2
 import dataclasses
 from pathlib import Path
 
-from unimodal.config import ModelConfig, load_config
+from unimodal.config import load_config
 
 _base = load_config(Path(__file__).with_name("ucf101_acdit_xl.py"))
 config = dataclasses.replace(
     _base,
-    model=dataclasses.replace(_base.model, **{k: v for k, v in dataclasses.asdict(ModelConfig.preset("ACDiT-H")).items()
-                                              if k in ("depth", "hidden_size", "num_heads")}),
+    model=_base.model.sized_as("ACDiT-H"),
     out_dir="runs/ucf101_acdit_h",
 )

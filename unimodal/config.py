@@ -83,6 +83,13 @@ class ModelConfig:
         cfg = ModelConfig(depth=depth, hidden_size=hidden, num_heads=heads)
         return replace_strict(cfg, **overrides)
 
+    def sized_as(self, name: str) -> "ModelConfig":
+        """This configuration with the depth, width and heads of preset `name`."""
+        if name not in PRESETS:
+            raise KeyError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}")
+        depth, hidden, heads = PRESETS[name]
+        return dataclasses.replace(self, depth=depth, hidden_size=hidden, num_heads=heads)
+
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
