@@ -29,7 +29,7 @@ def brute_force(doc, step, noisy):
             elif not noisy[k] and noisy[q]:
                 m[q][k] = step[k] < step[q]
             elif noisy[k] and noisy[q]:
-                m[q][k] = step[k] == step[q]
+                m[q][k] = step[k] == step[q] and noisy[k] == noisy[q]  # a guidance copy sees itself only
             else:
                 m[q][k] = False
     return torch.tensor(m)
@@ -42,7 +42,12 @@ def random_layout(seed: int):
     if rng.random() < 0.6:  # several docs per row, padding at the end
         lens = [len(pack([s], PackSpec()).tokens[0]) for s in samples]
         packed_len = max(lens) + sum(lens) // 2 + rng.randint(0, 5)
-    return pack(samples, PackSpec(), max_len=packed_len).layout
+    lay = pack(samples, PackSpec(), max_len=packed_len).layout
+    if seed % 3 == 0:  # guidance copies: noised tokens renumbered 1..3 in runs (a sampling pass's layout)
+        runs = torch.randint(1, 4, (lay.shape[0], lay.shape[1] // 2 + 1), generator=torch.Generator().manual_seed(seed))
+        copy = runs.repeat_interleave(2, 1)[:, :lay.shape[1]]
+        lay = masks.Layout(lay.doc, lay.step, lay.noisy * copy)
+    return lay
 
 
 @pytest.mark.parametrize("chunk", range(4))

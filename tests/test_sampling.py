@@ -29,7 +29,9 @@ def model_fp32(backend="sdpa") -> ACDiT:
 
 class FullForwardOracle:
     """After every cached pass: run the whole sequence so far (committed history + this pass's
-    tokens) through the model without cache, under the training mask, and compare."""
+    clean tokens + one noised copy) through the model without cache, under the training mask
+    (noisy 0/1, one guidance stream per forward), and compare. A pass's guidance streams are the
+    noised copies 1..S of its rows."""
 
     def __init__(self):
         self.max_eps = self.max_logit = 0.0
@@ -38,9 +40,10 @@ class FullForwardOracle:
     def __call__(self, sampler, inp: ModelInput, n_commit: int, out):
         rows = inp.tokens.shape[0]
         hist = sampler.history
+        rep = rows // sampler.B
         if hist:
-            h_ids = torch.cat([h.ids for h in hist], 1).repeat(sampler.S, 1)
-            h_patch = torch.cat([h.patches for h in hist], 1).repeat(sampler.S, 1, 1)
+            h_ids = torch.cat([h.ids for h in hist], 1).repeat(rep, 1)
+            h_patch = torch.cat([h.patches for h in hist], 1).repeat(rep, 1, 1)
             h_text = torch.cat([h.is_text for h in hist])[None].expand(rows, -1)
             h_step = torch.cat([h.step for h in hist])[None].expand(rows, -1)
             h_pos = torch.cat([h.pos for h in hist])[None].expand(rows, -1, -1)
@@ -48,21 +51,27 @@ class FullForwardOracle:
             h_ids, h_patch = inp.tokens[:, :0], inp.patches[:, :0]
             h_text, h_step, h_pos = inp.is_text[:, :0], inp.layout.step[:, :0], inp.pos[:, :0]
         nh = h_ids.shape[1]
-        full = ModelInput(
-            torch.cat([h_ids, inp.tokens], 1), torch.cat([h_patch.to(inp.patches.dtype), inp.patches], 1),
-            torch.cat([h_text, inp.is_text], 1),
-            Layout(torch.zeros(rows, nh + inp.tokens.shape[1], dtype=torch.long),
-                   torch.cat([h_step, inp.layout.step], 1), torch.cat([torch.zeros_like(h_step), inp.layout.noisy], 1)),
-            torch.cat([h_pos, inp.pos], 1), torch.cat([torch.full_like(h_step, -1), inp.cond_index], 1), inp.t, inp.y)
-        logits_at = None
-        if out.logits is not None:
-            logits_at = torch.zeros(rows, full.tokens.shape[1], dtype=torch.bool)
-            last = nh + n_commit - 1
-            logits_at[:sampler.B, last] = True
-        ref = sampler.model(full, logits_at=logits_at)
-        self.max_eps = max(self.max_eps, float((ref.eps[:, nh:] - out.eps).abs().max()))
-        if out.logits is not None:
-            self.max_logit = max(self.max_logit, float((ref.logits - out.logits).abs().max()))
+        noisy = inp.layout.noisy[0]
+        assert bool((noisy[:n_commit] == 0).all())
+        copies = sorted(set(noisy[n_commit:].tolist())) or [None]
+        for c in copies:
+            cols = torch.cat([torch.arange(n_commit), torch.nonzero(noisy == c).flatten() if c else torch.arange(0)])
+            n = cols.numel()
+            full = ModelInput(
+                torch.cat([h_ids, inp.tokens[:, cols]], 1), torch.cat([h_patch.to(inp.patches.dtype), inp.patches[:, cols]], 1),
+                torch.cat([h_text, inp.is_text[:, cols]], 1),
+                Layout(torch.zeros(rows, nh + n, dtype=torch.long), torch.cat([h_step, inp.layout.step[:, cols]], 1),
+                       torch.cat([torch.zeros_like(h_step), (inp.layout.noisy[:, cols] > 0).long()], 1)),
+                torch.cat([h_pos, inp.pos[:, cols]], 1), torch.cat([torch.full_like(h_step, -1), inp.cond_index[:, cols]], 1),
+                inp.t, inp.y)
+            logits_at = None
+            if out.logits is not None:
+                logits_at = torch.zeros(rows, nh + n, dtype=torch.bool)
+                logits_at[:sampler.B, nh + n_commit - 1] = True
+            ref = sampler.model(full, logits_at=logits_at)
+            self.max_eps = max(self.max_eps, float((ref.eps[:, nh:] - out.eps[:, cols]).abs().max()))
+            if out.logits is not None:
+                self.max_logit = max(self.max_logit, float((ref.logits - out.logits).abs().max()))
         self.passes += 1
 
 
@@ -120,6 +129,22 @@ def test_a_finished_block_costs_no_extra_pass():
     assert s.passes == 18 and s.cache.length == 4 * 4 + 2
 
 
+def test_guided_passes_carry_clean_tokens_once_and_noised_tokens_per_stream():
+    """Shared-cache guidance: a pass has B rows; the pending clean block appears once, the noised
+    block twice (one copy per stream), and every clean token is committed once."""
+    model = model_fp32()
+    seen = []
+    s = SequenceSampler(model, SPEC, 3, labels=torch.tensor([0, 4, 9]), cfg_scale=2.0, steps=2,
+                        on_pass=lambda smp, inp, nc, out: seen.append((inp.tokens.shape, nc, inp.layout.noisy[0].clone())))
+    s.image(2, 4, 4, block=4)  # 4 blocks of 4 tokens
+    assert len(seen) == 8
+    for i, (shape, nc, noisy) in enumerate(seen):
+        assert shape[0] == 3
+        assert nc == (4 if i in (2, 4, 6) else 0)  # the previous block, on the next block's first step
+        assert noisy[:nc].eq(0).all() and noisy[nc:].tolist() == [1] * 4 + [2] * 4
+    assert s.cache.length == 12 and s.cache.kv.shape[2] == 3
+
+
 @pytest.mark.parametrize("scheduler", ["dpm", "ddim", "ddpm"])
 def test_cached_and_recomputed_sampling_give_the_same_samples(scheduler):
     model = model_fp32()
@@ -164,9 +189,9 @@ def test_guidance_formula_against_unguided_streams():
                             on_pass=lambda smp, inp, nc, out: rec.append(out.eps.clone()))
         s.image(2, 2, 2)
         outs[name] = rec[0]
-    c, u, g = outs["cond"][0], outs["uncond"][0], outs["cfg"]
-    torch.testing.assert_close(g[0], c, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(g[1], u, atol=1e-6, rtol=1e-6)
+    c, u, g = outs["cond"][0], outs["uncond"][0], outs["cfg"][0]  # (4, P), (4, P), (2 copies x 4, P)
+    torch.testing.assert_close(g[:4], c, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(g[4:], u, atol=1e-6, rtol=1e-6)
 
 
 def test_video_longer_than_training_block_by_block():

@@ -71,7 +71,7 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x (B, H, L, D); cos/sin (B, 1, L, D) float32; computed in float32, returned in x's dtype."""
+    """x (..., B, H, L, D); cos/sin (B, 1, L, D) float32; computed in float32, returned in x's dtype."""
     xf = x.float()
     return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
 
@@ -372,7 +372,7 @@ def _flash_decode(q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext) -> Tensor:
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, eps: float = 1e-6):
         super().__init__()
-        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.num_heads, self.head_dim, self.qk_norm = num_heads, dim // num_heads, qk_norm
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
         self.q_norm = RMSNorm(self.head_dim, eps=eps) if qk_norm else nn.Identity()
         self.k_norm = RMSNorm(self.head_dim, eps=eps) if qk_norm else nn.Identity()
@@ -380,11 +380,13 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, ctx: AttnContext, layer: int = 0) -> Tensor:
         B, L, C = x.shape
-        qkv = self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim)  # (B, L, 3, H, D)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, L, D)
-        if attends_in_fp32(q, ctx):  # cast once: QK-norm, RoPE and the kernel all run in fp32
-            q, k, v = q.float(), k.float(), v.float()  # 3 x (B, H, L, D)
-        q = apply_rope(self.q_norm(q), ctx.cos, ctx.sin)  # (B, H, L, D)
-        k = apply_rope(self.k_norm(k), ctx.cos, ctx.sin)  # (B, H, L, D)
+        qkv = self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, L, D)
+        if attends_in_fp32(qkv, ctx):  # cast once: QK-norm, RoPE and the kernel all run in fp32
+            qkv = qkv.float()  # (3, B, H, L, D)
+        qk, v = qkv[:2].float(), qkv[2]  # (2, B, H, L, D) fp32, (B, H, L, D)
+        if self.qk_norm:  # q and k normalised in one call, each with its own weight
+            w = torch.stack([self.q_norm.weight, self.k_norm.weight]).float()[:, None, None, None]  # (2, 1, 1, 1, D)
+            qk = F.rms_norm(qk, (self.head_dim,), eps=self.q_norm.eps) * w  # (2, B, H, L, D)
+        q, k = apply_rope(qk, ctx.cos, ctx.sin).to(v.dtype).unbind(0)  # 2 x (B, H, L, D)
         o = attend(q, k, v, ctx, layer)  # (B, H, L, D)
         return self.proj(o.to(x.dtype).transpose(1, 2).reshape(B, L, C))  # (B, L, C)

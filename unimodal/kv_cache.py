@@ -3,9 +3,10 @@
 Protocol (DESIGN.md section 5). A forward pass over new tokens sees the committed cache
 followed by the new tokens. The first `n_commit` new tokens are clean (a finished block's
 pending clean copy, text tokens) and their K/V are committed during that same pass; the
-rest (a noised block) only attend and are never stored. The cache has `batch` rows; a pass
-may carry S * batch rows (S guidance streams that share the clean context): the cache is
-shared by all streams and the clean K/V are committed from the first stream.
+rest (a noised block, or its S guidance copies side by side) only attend and are never stored.
+The cache has `batch` rows. The sampler lays guidance streams along the sequence (one row per
+sample, the clean tokens once); a pass may also carry S * batch rows (streams stacked on the
+batch axis, sharing the cache), whose clean K/V are then committed from the first stream.
 """
 from __future__ import annotations
 

@@ -3,9 +3,14 @@
 Every token carries (doc, step, noisy). q may attend kv iff doc[q] == doc[kv] >= 0 and
     clean kv, clean q: step[kv] <= step[q]
     clean kv, noisy q: step[kv] <  step[q]
-    noisy kv, noisy q: step[kv] == step[q]
+    noisy kv, noisy q: step[kv] == step[q] and noisy[kv] == noisy[q]
     noisy kv, clean q: never
 and a padding token (doc = -1) attends only itself.
+
+`noisy` is 0 for clean tokens and 1 for the noised copy of a block. A sampling pass with
+classifier-free guidance carries one noised copy of the block per guidance stream, numbered
+1..S, in the same row as the shared clean context: each copy sees the clean past and itself,
+never another copy. Training layouts only hold 0/1, where the extra condition is always true.
 
 `allowed` is written with tensor operations only, so the same function serves the dense
 boolean mask (broadcast), the FlexAttention `mask_mod` (scalar tensors under vmap), the
@@ -27,7 +32,7 @@ def allowed(q_idx: Tensor, kv_idx: Tensor,
     clean_k, clean_q = noisy_k == 0, noisy_q == 0
     rule = (clean_k & clean_q & (step_k <= step_q)) \
         | (clean_k & ~clean_q & (step_k < step_q)) \
-        | (~clean_k & ~clean_q & (step_k == step_q))
+        | (~clean_k & ~clean_q & (step_k == step_q) & (noisy_k == noisy_q))
     pad_self = (doc_q < 0) & (q_idx == kv_idx)
     return (same_doc & rule) | pad_self
 

@@ -89,44 +89,54 @@ class SequenceSampler:
     def _pass(self, noisy: Tensor | None = None, noisy_step: int = 0, noisy_pos: Tensor | None = None,
               t: float = 0.0, want_logits: bool = False):
         """Run pending clean tokens (+ an optional noised block (S*B, n, P)) through the model.
-        Returns (eps (S*B, n, P) or None, logits at the last clean token (B, V) or None)."""
+        Returns (eps (S*B, n, P) or None, logits at the last clean token (B, V) or None).
+
+        With a shared cache the guidance streams share the row as well: a row holds the pending
+        clean tokens once, then the S noised copies of the block (noisy = 1..S, each seeing the
+        clean past and itself). Otherwise (recompute, separate caches) stream s is rows s*B.."""
         clean = self._stack(self.pending)
-        rows = self.S * self.B
+        S, B = self.S, self.B
+        along = self.mode == "cache" and self.shared_cache  # streams along the sequence
+        rows = B if along else S * B
+        rep = 1 if along else S
         parts_ids, parts_patch, is_text, step, noisy_flag, pos = [], [], [], [], [], []
+        nc = 0 if clean is None else clean.step.numel()
         if clean is not None:
-            nc = clean.step.numel()
-            parts_ids.append(clean.ids.repeat(self.S, 1))  # (S*B, nc)
-            parts_patch.append(clean.patches.repeat(self.S, 1, 1))  # (S*B, nc, P)
+            parts_ids.append(clean.ids.repeat(rep, 1))  # (rows, nc)
+            parts_patch.append(clean.patches.repeat(rep, 1, 1))  # (rows, nc, P)
             is_text.append(clean.is_text)
             step.append(clean.step)
             noisy_flag.append(torch.zeros(nc, dtype=torch.long))
             pos.append(clean.pos)
-        else:
-            nc = 0
-        nn_ = 0
+        nn_ = 0  # noised tokens per stream
+        copies = S if along else 1  # noised copies per row
         if noisy is not None:
             nn_ = noisy.shape[1]
-            parts_ids.append(torch.zeros(rows, nn_, dtype=torch.long))
-            parts_patch.append(noisy.cpu() if noisy.device.type != "cpu" else noisy)
-            is_text.append(torch.zeros(nn_, dtype=torch.bool))
-            step.append(torch.full((nn_,), noisy_step, dtype=torch.long))
-            noisy_flag.append(torch.ones(nn_, dtype=torch.long))
-            pos.append(noisy_pos)
+            noisy = noisy.cpu()
+            if along:
+                noisy = noisy.view(S, B, nn_, -1).transpose(0, 1).reshape(B, S * nn_, -1)  # (B, S*n, P)
+            parts_ids.append(torch.zeros(rows, copies * nn_, dtype=torch.long))
+            parts_patch.append(noisy)
+            is_text.append(torch.zeros(copies * nn_, dtype=torch.bool))
+            step.append(torch.full((copies * nn_,), noisy_step, dtype=torch.long))
+            noisy_flag.append(torch.arange(1, copies + 1).repeat_interleave(nn_))
+            pos.append(noisy_pos.repeat(copies, 1))
         if nc + nn_ == 0:
             raise RuntimeError("nothing to run: no pending clean tokens and no noised block")
-        ids = torch.cat(parts_ids, 1)  # (S*B, n)
-        patches = torch.cat(parts_patch, 1).to(self.dtype)  # (S*B, n, P)
-        is_text_ = torch.cat(is_text)[None].expand(rows, -1)  # (S*B, n)
-        step_ = torch.cat(step)[None].expand(rows, -1)  # (S*B, n)
-        noisy_ = torch.cat(noisy_flag)[None].expand(rows, -1)  # (S*B, n)
-        pos_ = torch.cat(pos)[None].expand(rows, -1, -1)  # (S*B, n, A)
-        cond_index = torch.where(noisy_ == 1, torch.arange(rows)[:, None], torch.full_like(noisy_, -1))
+        ids = torch.cat(parts_ids, 1)  # (rows, n)
+        patches = torch.cat(parts_patch, 1).to(self.dtype)  # (rows, n, P)
+        is_text_ = torch.cat(is_text)[None].expand(rows, -1)  # (rows, n)
+        step_ = torch.cat(step)[None].expand(rows, -1)  # (rows, n)
+        noisy_ = torch.cat(noisy_flag)[None].expand(rows, -1)  # (rows, n)
+        pos_ = torch.cat(pos)[None].expand(rows, -1, -1)  # (rows, n, A)
+        # conditioning row of a noised token: stream (copy - 1) of its row's sample
+        cond_index = torch.where(noisy_ > 0, (noisy_ - 1) * B + torch.arange(rows)[:, None], -1)  # (rows, n)
         if self.mode == "recompute":
             hist = self._stack(self.history)
             if hist is not None:
                 nh = hist.step.numel()
-                ids = torch.cat([hist.ids.repeat(self.S, 1), ids], 1)
-                patches = torch.cat([hist.patches.repeat(self.S, 1, 1).to(self.dtype), patches], 1)
+                ids = torch.cat([hist.ids.repeat(S, 1), ids], 1)
+                patches = torch.cat([hist.patches.repeat(S, 1, 1).to(self.dtype), patches], 1)
                 is_text_ = torch.cat([hist.is_text[None].expand(rows, -1), is_text_], 1)
                 step_ = torch.cat([hist.step[None].expand(rows, -1), step_], 1)
                 noisy_ = torch.cat([torch.zeros(rows, nh, dtype=torch.long), noisy_], 1)
@@ -137,13 +147,13 @@ class SequenceSampler:
         dev = self.device
         inp = ModelInput(ids.to(dev), patches.to(dev), is_text_.to(dev), Layout(*(x.to(dev) for x in (
             layout.doc, layout.step, layout.noisy))), pos_.to(dev), cond_index.to(dev),
-            torch.full((rows,), float(t), device=dev), self.y)
+            torch.full((S * B,), float(t), device=dev), self.y)
         logits_at = None
         if want_logits:
             if clean is None or not bool(clean.is_text[-1]):
                 raise RuntimeError("text logits need a pending text token")
             logits_at = torch.zeros(rows, n_all, dtype=torch.bool)
-            logits_at[:self.B, n_all - nn_ - 1] = True
+            logits_at[:B, n_all - copies * nn_ - 1] = True
             logits_at = logits_at.to(dev)
         with self.autocast:
             if self.mode == "cache":
@@ -155,7 +165,11 @@ class SequenceSampler:
             self.on_pass(self, inp, nc, out)
         self.history.extend(self.pending)
         self.pending = []
-        eps = out.eps[:, n_all - nn_:] if nn_ else None  # (S*B, n, P)
+        eps = None
+        if nn_:
+            eps = out.eps[:, n_all - copies * nn_:]  # (rows, copies*n, P)
+            if along:
+                eps = eps.reshape(B, S, nn_, -1).transpose(0, 1).reshape(S * B, nn_, -1)  # (S*B, n, P)
         return eps, out.logits
 
     # ------------------------------------------------------------------ blocks
