@@ -48,6 +48,7 @@ class ClassifyConfig:
     train_limit: int = 0  # use the first n training examples (0 = all)
     test_limit: int = 0  # evaluate on the first n test examples (0 = all)
     feature_layer: int = 0  # 0: final normalised hidden states; k: output of block k (1..depth)
+    pool: str = "all"  # all: mean over every block; context: all but the last block (see Classifier)
     head_init_std: float = 2e-5  # MAE: trunc_normal(std=2e-5); 0 = zero init
     label_smoothing: float = 0.1
     mixup: float = 0.8  # Beta(alpha, alpha) for mixup; 0 = off
@@ -55,6 +56,7 @@ class ClassifyConfig:
     mix_prob: float = 1.0  # probability of mixing a batch at all
     switch_prob: float = 0.5  # probability of cutmix instead of mixup when both are on
     hflip: bool = False  # random horizontal flips (off for digits)
+    shift: int = 0  # random translation by up to this many latent pixels per axis (edges replicated)
     eval_batch: int = 256
 
 
@@ -93,10 +95,13 @@ class Classifier(nn.Module):
     `backbone.` prefix, so `blocks.N.` drives train.py's layer-wise lr decay."""
 
     def __init__(self, cfg: ModelConfig, num_classes: int, feature_layer: int = 0, head_init_std: float = 2e-5,
-                 probe: bool = False):
+                 probe: bool = False, pool: str = "all"):
         super().__init__()
         if not 0 <= feature_layer <= cfg.depth:
             raise ValueError(f"feature_layer must be 0 (final) or a block in 1..{cfg.depth}, got {feature_layer}")
+        if pool not in ("all", "context"):
+            raise ValueError(f"pool must be 'all' or 'context', got {pool!r}")
+        self.pool = pool
         self.backbone = ACDiT(cfg)
         self.feature_layer, self.probe = feature_layer, probe
         H = cfg.hidden_size
@@ -117,7 +122,9 @@ class Classifier(nn.Module):
         return self
 
     def features(self, inp: ModelInput) -> Tensor:
-        """(N, H): the mean over image tokens of the chosen layer's hidden states."""
+        """(N, H): the mean over image tokens of the chosen layer's hidden states. pool="context"
+        leaves out the last block: image pretraining never uses the clean copy of an image's last
+        block (nothing attends to it), so its features are the ones pretraining did not shape."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.probe):
             if self.feature_layer == 0:
                 h = self.backbone(inp, return_hidden=True).hidden  # (N, L, H)
@@ -130,7 +137,13 @@ class Classifier(nn.Module):
                 finally:
                     hook.remove()
                 h = F.rms_norm(got["x"], (got["x"].shape[-1],), eps=self.backbone.cfg.norm_eps)  # (N, L, H)
-            keep = (inp.layout.doc >= 0)[..., None].to(h.dtype)  # (N, L, 1)
+            keep = inp.layout.doc >= 0  # (N, L)
+            if self.pool == "context":
+                step = inp.layout.step.masked_fill(~keep, -1)  # (N, L)
+                keep = keep & (step < step.max(1, keepdim=True).values)  # (N, L)
+                if not bool(keep.any(1).all()):
+                    raise ValueError("pool='context' needs images of at least two blocks")
+            keep = keep[..., None].to(h.dtype)  # (N, L, 1)
             return (h * keep).sum(1) / keep.sum(1)  # (N, H)
 
     def forward(self, x: ModelInput | Tensor) -> Tensor:
@@ -149,6 +162,21 @@ class Classifier(nn.Module):
             raise ValueError(f"none of the {len(state_dict)} checkpoint keys is an ACDiT parameter "
                              f"(e.g. {sorted(state_dict)[:3]}); expected names like {sorted(own)[:3]}")
         return self.backbone.load_state_dict(state_dict, strict=strict)
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+def shift(x: Tensor, rng: np.random.Generator, max_shift: int) -> Tensor:
+    """Translate each (C, H, W) image of x (N, C, H, W) by integers drawn uniformly from
+    [-max_shift, max_shift] per axis; pixels moved in from outside repeat the edge (the
+    background of a digit), so a digit moves and nothing wraps around."""
+    if max_shift <= 0:
+        return x
+    N, _, H, W = x.shape
+    s = max_shift
+    padded = F.pad(x, (s, s, s, s), mode="replicate")  # (N, C, H + 2s, W + 2s)
+    off = rng.integers(0, 2 * s + 1, size=(N, 2))
+    return torch.stack([padded[i, :, a:a + H, b:b + W] for i, (a, b) in enumerate(off.tolist())])  # (N, C, H, W)
 
 
 # ----------------------------------------------------------------------------- mixup / cutmix
@@ -214,7 +242,7 @@ class ClassifyTask(Task):
 
     def build_model(self) -> nn.Module:
         t = self.tc
-        return Classifier(self.model_config(), t.num_classes, t.feature_layer, t.head_init_std)
+        return Classifier(self.model_config(), t.num_classes, t.feature_layer, t.head_init_std, pool=t.pool)
 
     # -------------------------------------------------------------- data
     @property
@@ -286,6 +314,7 @@ class ClassifyTask(Task):
             flip = torch.tensor([bool(torch.rand((), generator=g) < 0.5) for g in self.generators(step, pos)])
         z, y = self.latents("train", idx, flip)
         rng = np.random.default_rng(_seed(self.cfg.seed, 2, step, self.rank))
+        z = shift(z, rng, t.shift)
         z, y_b, lam = mix(z, y, rng, t.mixup, t.cutmix, t.mix_prob, t.switch_prob)
         return ClassBatch(self.inputs(z), y, y_b, lam)
 

@@ -37,6 +37,7 @@ class LinearProbeConfig:
     train_limit: int = 0  # use the first n training examples (0 = all)
     test_limit: int = 0  # evaluate on the first n test examples (0 = all)
     feature_layer: int = 0  # 0: final normalised hidden states; k: output of block k (1..depth)
+    pool: str = "all"  # all: mean over every block; context: all but the last (never trained as context)
     head_init_std: float = 0.01  # MAE linear probe: trunc_normal(std=0.01)
     label_smoothing: float = 0.0
     eval_batch: int = 256  # images per forward pass when computing features
@@ -49,7 +50,7 @@ class LinearProbeTask(ClassifyTask):
 
     def build_model(self) -> nn.Module:
         t = self.tc
-        return Classifier(self.model_config(), t.num_classes, t.feature_layer, t.head_init_std, probe=True)
+        return Classifier(self.model_config(), t.num_classes, t.feature_layer, t.head_init_std, probe=True, pool=t.pool)
 
     @torch.no_grad()
     def extract(self, model, split: str) -> tuple[Tensor, Tensor]:

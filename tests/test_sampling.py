@@ -245,7 +245,11 @@ def _has_flash() -> bool:
 
 
 @pytest.mark.skipif(not _has_flash(), reason="flash-attn decoding needs CUDA and the flash-attn extra")
-def test_flash_decoding_equals_sdpa_decoding():
+def test_flash_decoding_equals_sdpa_decoding(monkeypatch):
+    from unimodal import attention
+    kernels = attention._flash_kernels
+    calls = []
+    monkeypatch.setattr(attention, "_flash_kernels", lambda: calls.append(1) or kernels())
     outs = []
     for backend in ("sdpa", "flash"):
         cfg = ModelConfig.preset("ACDiT-Micro", latent_channels=2, patch_size=1, vocab_size=40, num_classes=10,
@@ -256,6 +260,7 @@ def test_flash_decoding_equals_sdpa_decoding():
                             generator=torch.Generator().manual_seed(0))
         outs.append(s.image(2, 4, 4, block=4).float().cpu())
     torch.testing.assert_close(outs[0], outs[1], atol=3e-2, rtol=3e-2)
+    assert calls  # flash_attn_with_kvcache served the cached passes
 
 
 def test_fed_image_conditions_text_like_the_full_forward():

@@ -80,6 +80,12 @@ def test_features_are_block_causal_and_pooled():
     torch.testing.assert_close(a[:, :12], b[:, :12])  # blocks 0-2 do not see block 3
     assert not torch.allclose(a[:, 12:], b[:, 12:])
     torch.testing.assert_close(f, a.mean(1))
+    ctx = Classifier(MICRO, 10, pool="context")
+    ctx.backbone.load_state_dict(model.backbone.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(ctx.features(clean_input(z, spec, 4)), a[:, :12].mean(1))  # blocks 0-2
+        with pytest.raises(ValueError, match="two blocks"):
+            ctx.features(clean_input(z, spec, 16))
 
 
 def test_intermediate_layer_features():
@@ -141,6 +147,22 @@ def test_probe_backbone_is_frozen_and_stays_in_eval():
     feats = torch.randn(8, 64)
     model(feats).sum().backward()
     assert model.head.weight.grad is not None
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+def test_shift_translates_with_edge_replication():
+    from tasks.classify import shift
+    x = torch.randn(5, 2, 7, 6)
+    for seed in range(3):
+        got = shift(x, np.random.default_rng(seed), 2)
+        off = np.random.default_rng(seed).integers(0, 5, size=(5, 2)) - 2  # the same draws
+        for n, (dy, dx) in enumerate(off.tolist()):
+            for i in range(7):
+                for j in range(6):
+                    src = x[n, :, min(max(i + dy, 0), 6), min(max(j + dx, 0), 5)]
+                    assert torch.equal(got[n, :, i, j], src)
+    assert shift(x, np.random.default_rng(0), 0) is x
 
 
 # ----------------------------------------------------------------------------- mixup / cutmix
@@ -268,25 +290,37 @@ def _demo_generator(out, steps: int) -> str:
     return str(out)
 
 
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> str:
+    """The demo generator after 1500 steps (about 15 minutes here), shared by the slow tests."""
+    return _demo_generator(tmp_path_factory.mktemp("pretrained") / "gen", 1500)
+
+
 @pytest.mark.slow
-def test_probe_of_trained_generator_beats_random_init_by_a_wide_margin(tmp_path):
-    """Representation must-show: the same linear probe (10k train / 10k test digits) on the demo
-    generator after 600 steps vs after one step at lr 0 (its random initialisation)."""
-    trained = _demo_generator(tmp_path / "trained", 600)
+def test_probe_of_trained_generator_beats_random_init_by_a_wide_margin(pretrained, tmp_path):
+    """Representation must-show: configs/mnist_probe_tiny.py as it stands (2000 head steps), on
+    10k train / 10k test digits, over the pretrained generator vs its random initialisation (one
+    step at lr 0). Measured here: 0.908 vs 0.846, 40% fewer errors."""
     cfg = load_config("configs/mnist_class_tiny.py", ["steps=1", "optim.lr=0.0", "time_limit_min=0", "ckpt_every=1",
                                                       "eval_at_end=False", f"out_dir={tmp_path / 'random'}"])
     train.train(cfg, quiet=True)
-    a = _probe(tmp_path / "probe_trained", trained, 10000, 10000, shape=[])
-    b = _probe(tmp_path / "probe_random", str(tmp_path / "random"), 10000, 10000, shape=[])
-    print(f"linear probe top-1: trained {a['top1']:.4f}, random init {b['top1']:.4f}")
-    assert a["top1"] >= b["top1"] + 0.05 and a["top1"] >= 0.9, (a, b)
+    res = {}
+    for name, init in (("trained", pretrained), ("random", str(tmp_path / "random"))):
+        pc = load_config("configs/mnist_probe_tiny.py", ["task.train_limit=10000", "task.test_limit=10000",
+                                                         f"init_from={init}", f"out_dir={tmp_path / name}",
+                                                         "ckpt_every=100000"])
+        res[name] = train.train(pc, quiet=True)["eval"]["top1"]
+    a, b = res["trained"], res["random"]
+    print(f"linear probe top-1: trained {a:.4f}, random init {b:.4f}, error ratio {(1 - a) / (1 - b):.2f}")
+    assert a >= b + 0.05 and (1 - a) <= 0.75 * (1 - b), res
 
 
 @pytest.mark.slow
-def test_finetuning_reaches_98_percent_on_mnist_test(tmp_path):
-    """Representation must-show: fine-tuning the demo generator reaches >= 98% top-1 on all 10k
-    MNIST test digits."""
-    gen = _demo_generator(tmp_path / "gen", 300)
-    m = _finetune(tmp_path / "ft", gen, 2000, 0, shape=[])
+def test_finetuning_reaches_98_percent_on_mnist_test(pretrained, tmp_path):
+    """Representation must-show: configs/mnist_finetune_tiny.py as it stands, from the pretrained
+    generator, reaches >= 98% top-1 on all 10k MNIST test digits."""
+    cfg = load_config("configs/mnist_finetune_tiny.py", [f"init_from={pretrained}", f"out_dir={tmp_path / 'ft'}",
+                                                          "ckpt_every=100000"])
+    m = train.train(cfg, quiet=True)["eval"]
     print(f"fine-tuned top-1 on the MNIST test set: {m['top1']:.4f} ({m['examples']} examples)")
     assert m["examples"] == 10000 and m["top1"] >= 0.98, m

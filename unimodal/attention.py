@@ -5,7 +5,9 @@ Backends (all derive their masks from `masks.allowed`):
   "block"  block-structured CPU path: one SDPA call per query group over the keys it can see,
            unmasked wherever the group sees its keys fully (SCAM's empty part is never computed)
   "flex"   FlexAttention with a BlockMask (compiled on CUDA; eager elsewhere, forward only on CPU)
-  "flash"  flash-attn's KV-cache kernel for cached decoding on CUDA (optional extra)
+  "flash"  cached passes on CUDA (optional extra): flash_attn_with_kvcache over the committed cache,
+           flash_attn_func over the pass's own tokens by query group, merged by log-sum-exp
+           (fp16/bf16; any other case of a cached pass goes through SDPA)
 "auto" picks flex on CUDA and block (or sdpa when the layout has too many groups) on CPU.
 """
 from __future__ import annotations
@@ -175,12 +177,35 @@ def _split_plan(q: Layout, kv: Layout):
     return plan
 
 
+def _cpu_kernels():
+    fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    return (lambda q, k, v: fwd(q, k, v)[:2]), (lambda q, ck, cv, n: fwd(q, ck[:, :, :n], cv[:, :, :n])[:2])
+
+
+def _flash_kernels():
+    """flash-attn (CUDA, fp16/bf16): the own-pass calls through flash_attn_func, the committed
+    cache through flash_attn_with_kvcache reading the preallocated cache in place (no mask:
+    every query sees the whole committed cache). Both return the log-sum-exp."""
+    from flash_attn import flash_attn_func, flash_attn_with_kvcache  # optional CUDA extra
+
+    def own(q, k, v):
+        o, lse, _ = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), return_attn_probs=True)
+        return o.transpose(1, 2), lse  # (B, H, n, D), (B, H, n)
+
+    def cached(q, ck, cv, n):
+        o, lse = flash_attn_with_kvcache(q.transpose(1, 2).contiguous(), ck.transpose(1, 2), cv.transpose(1, 2),
+                                         cache_seqlens=n, return_softmax_lse=True)
+        return o.transpose(1, 2), lse  # (B, H, Lq, D), (B, H, Lq)
+    return own, cached
+
+
 def _cached_split_attention(q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext, layer: int) -> Tensor:
     """A cached pass without concatenating or repeating the cache: every query sees the whole
     committed cache (one unmasked call; the S guidance streams' queries are stacked along the
     query axis against the cache's B rows), and its own pass's keys by query group; the two
-    partial softmaxes are merged by their log-sum-exp."""
-    fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    partial softmaxes are merged by their log-sum-exp. Kernels: the CPU flash kernel, or
+    flash-attn's (backend "flash")."""
+    own, cached = _flash_kernels() if ctx.backend == "flash" else _cpu_kernels()
     cache = ctx.cache
     L0, groups = ctx.split_plan()
     SB, H, Lq, D = q.shape
@@ -190,19 +215,20 @@ def _cached_split_attention(q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext, l
     o_new = q.new_empty(SB, H, Lq, D)  # (S*B, H, Lq, D)
     lse_new = q.new_empty(SB, H, Lq, dtype=torch.float32)  # (S*B, H, Lq)
     for g in groups:
-        o, lse = fwd(q[:, :, g.q0:g.q1], _gather(k, g.k_ranges), _gather(v, g.k_ranges))
+        o, lse = own(q[:, :, g.q0:g.q1], _gather(k, g.k_ranges), _gather(v, g.k_ranges))
         o_new[:, :, g.q0:g.q1], lse_new[:, :, g.q0:g.q1] = o, lse
     if L0 == 0:
         return o_new
-    ck, cv = cache.committed(layer, L0)  # (B, H, L0, D) each
-    qs = q.view(S, B, H, Lq, D).permute(1, 2, 0, 3, 4).reshape(B, H, S * Lq, D)  # (B, H, S*Lq, D)
-    o_c, lse_c = fwd(qs, ck, cv)  # (B, H, S*Lq, D), (B, H, S*Lq)
-    o_c = o_c.view(B, H, S, Lq, D).permute(2, 0, 1, 3, 4).reshape(SB, H, Lq, D)  # (S*B, H, Lq, D)
-    lse_c = lse_c.view(B, H, S, Lq).permute(2, 0, 1, 3).reshape(SB, H, Lq)  # (S*B, H, Lq)
-    lse = torch.logaddexp(lse_c, lse_new)  # (S*B, H, Lq)
-    w_c = (lse_c - lse).exp().unsqueeze(-1).to(q.dtype)  # (S*B, H, Lq, 1)
-    w_n = (lse_new - lse).exp().unsqueeze(-1).to(q.dtype)  # (S*B, H, Lq, 1)
-    return o_c * w_c + o_new * w_n  # (S*B, H, Lq, D)
+    ck, cv = cache.committed(layer, cache.max_len)  # (B, H, max_len, D) each, the first L0 committed
+    if S == 1:
+        o_c, lse_c = cached(q, ck, cv, L0)  # (B, H, Lq, D), (B, H, Lq)
+    else:
+        qs = q.reshape(S, B, H, Lq, D).permute(1, 2, 0, 3, 4).reshape(B, H, S * Lq, D)  # (B, H, S*Lq, D)
+        o_c, lse_c = cached(qs, ck, cv, L0)  # (B, H, S*Lq, D), (B, H, S*Lq)
+        o_c = o_c.view(B, H, S, Lq, D).permute(2, 0, 1, 3, 4).reshape(SB, H, Lq, D)  # (S*B, H, Lq, D)
+        lse_c = lse_c.view(B, H, S, Lq).permute(2, 0, 1, 3).reshape(SB, H, Lq)  # (S*B, H, Lq)
+    w_c = torch.sigmoid(lse_c.float() - lse_new).unsqueeze(-1).to(q.dtype)  # (S*B, H, Lq, 1): exp(lse_c - logaddexp)
+    return torch.lerp(o_new, o_c, w_c)  # (S*B, H, Lq, D): w_c o_c + (1 - w_c) o_new
 
 
 def choose_backend(requested: str, layout: Layout, device: torch.device, training: bool, cached: bool) -> str:
@@ -245,6 +271,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext, layer: int = 0) ->
     if ctx.cache is not None:
         if ctx.backend == "block" and ctx.split_plan() is not None:
             return _cached_split_attention(q, k, v, ctx, layer)
+        if ctx.backend == "flash" and q.dtype in (torch.float16, torch.bfloat16) and ctx.split_plan() is not None:
+            return _cached_split_attention(q, k, v, ctx, layer)
         k, v = ctx.cache.keys_values(layer, k, v, ctx.n_commit)  # (B, H, Lc + Lq, D)
     return _attend(q, k, v, ctx)
 
@@ -255,14 +283,12 @@ def attends_in_fp32(q: Tensor, ctx: AttnContext) -> bool:
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext) -> Tensor:
-    if ctx.backend == "sdpa" or (ctx.backend == "block" and ctx.cache is not None):
+    if ctx.backend == "sdpa" or (ctx.backend in ("block", "flash") and ctx.cache is not None):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.dense())
     if ctx.backend == "block":
         return _block_attention(q, k, v, ctx)
     if ctx.backend == "flex":
         return _flex_attention(q, k, v, ctx)
-    if ctx.backend == "flash":
-        return _flash_decode(q, k, v, ctx)
     raise ValueError(f"unknown attention backend {ctx.backend!r}")
 
 
@@ -354,17 +380,6 @@ def _flex_attention(q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext) -> Tensor
             _FLEX["compiled"] = torch.compile(flex_attention, dynamic=False)
         return _FLEX["compiled"](q, k, v, block_mask=bm)
     return flex_attention(q, k, v, block_mask=bm)
-
-
-def _flash_decode(q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext) -> Tensor:
-    """Cached decoding with flash-attn: every new query sees the whole committed cache; the mask
-    among the new tokens themselves is applied by splitting the call per predicate pattern."""
-    from flash_attn import flash_attn_func  # optional CUDA extra
-    m = ctx.dense()
-    if not bool(m.all()):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=m)
-    out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, L, H, D)
-    return out.transpose(1, 2)
 
 
 # ----------------------------------------------------------------------------- the module

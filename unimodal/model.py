@@ -106,17 +106,26 @@ class Modulation:
         return x[:, :s], x[:, s:e].reshape(B, -1, bs, H), x[:, e:]
 
     def modulate(self, h: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+        """h: a fresh (B, L, H) activation (a norm's output); without autograd it is modulated in place."""
         if self.fast is None:
             return h * (1 + scale) + shift
         a, n, b = self._split(h)
+        if not torch.is_grad_enabled() and h.is_contiguous():
+            n.mul_(1 + scale).add_(shift)  # (B, nb, bs, H), a view of h
+            return h
         n = n * (1 + scale) + shift  # (B, nb, bs, H)
         return torch.cat([a, n.flatten(1, 2), b], 1)  # (B, L, H)
 
     def residual(self, x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
+        """x + gate * y at conditioned tokens, x + y elsewhere; y: a fresh (B, L, H) branch output
+        (gated in place without autograd), x is never modified."""
         if self.fast is None:
             return x + gate * y
-        xa, xn, xb = self._split(x)
         ya, yn, yb = self._split(y)
+        if not torch.is_grad_enabled() and y.is_contiguous():
+            yn.mul_(gate)  # (B, nb, bs, H), a view of y
+            return x + y  # (B, L, H)
+        xa, xn, xb = self._split(x)
         return torch.cat([xa + ya, (xn + gate * yn).flatten(1, 2), xb + yb], 1)  # (B, L, H)
 
 
