@@ -99,10 +99,10 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
         if main and not quiet:
             print(f"initialised from {cfg.init_from}: {len(missing)} missing, {len(unexpected)} unexpected keys")
     model.to(device)
-    ema = EMAModel(model.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=3 / 4) \
+    ema = EMAModel(model.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=3 / 4, foreach=True) \
         if cfg.ema_decay > 0 else None
     opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                            weight_decay=cfg.optim.weight_decay)
+                            weight_decay=cfg.optim.weight_decay, fused=device.type in ("cpu", "cuda"))
     sched = get_wsd_schedule(opt, num_warmup_steps=cfg.optim.warmup_steps,
                              num_decay_steps=int(cfg.optim.decay_frac * cfg.steps), num_training_steps=cfg.steps,
                              decay_type=cfg.optim.decay_type, min_lr_ratio=cfg.optim.min_lr_ratio)
@@ -126,8 +126,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
             start = int(state["step"])
             if main and not quiet:
                 print(f"resumed from {last} at step {start}")
-    train_model = torch.compile(model) if cfg.compile else model
-    train_model, opt = accelerator.prepare(train_model, opt)
+    train_model, opt = accelerator.prepare(model, opt)
     writer = None
     if main:
         out.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,9 @@ the dense layers (QKV, projection, MLP; 2 FLOPs per multiply-add), 12 d^2 per bl
 and 4 d per allowed (query, key) pair of the mask for attention (the empty part of SCAM is not
 counted); the final layer and embeddings are added; a training step is 3x the forward. The
 matmul peak (bf16 and fp32, 2048^3) is measured in the same run; MFU = achieved FLOP/s / peak.
+Each config runs eager and with `model.compile=True` (the attention-free parts of every block
+under torch.compile; the compilation is left out of the step times and printed apart); the
+optimizer is train.py's (fused AdamW).
 
     python bench/train.py                 # tiny config and the ACDiT-B-shaped config, bf16
     python bench/train.py --precision fp32
@@ -12,6 +15,7 @@ matmul peak (bf16 and fp32, 2048^3) is measured in the same run; MFU = achieved 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import resource
 import statistics
 import sys
@@ -45,10 +49,10 @@ def run(name: str, cfg: ModelConfig, samples, steps: int, precision: str, peak: 
     model = ACDiT(cfg)
     spec = PackSpec(patch_size=cfg.patch_size, latent_channels=cfg.latent_channels)
     packed = pack(samples, spec)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     sched, lc = train_scheduler(), LossConfig()
     flops = step_flops(cfg, packed)
-    times = []
+    times, first = [], 0.0
     for i in range(steps + 2):
         t0 = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
@@ -58,9 +62,12 @@ def run(name: str, cfg: ModelConfig, samples, steps: int, precision: str, peak: 
         opt.zero_grad(set_to_none=True)
         if i >= 2:
             times.append(time.perf_counter() - t0)
+        elif i == 0:
+            first = time.perf_counter() - t0
     t = statistics.median(times)
     tokens = int((packed.doc >= 0).sum())
-    return {"name": name, "params": sum(p.numel() for p in model.parameters()), "tokens": tokens,
+    name = f"{name}, {'compiled' if cfg.compile else 'eager'}"
+    return {"name": name, "first_s": first, "params": sum(p.numel() for p in model.parameters()), "tokens": tokens,
             "step_s": t, "tok_s": tokens / t, "gflop": flops / 1e9, "tflops": flops / t / 1e12, "mfu": flops / t / peak}
 
 
@@ -78,16 +85,19 @@ def main() -> None:
     rows = []
     tiny = ModelConfig(depth=6, hidden_size=256, num_heads=4, mlp_act="gelu", latent_channels=1, patch_size=4,
                        num_classes=10, rope_max_pos=(32, 32, 32))
-    rows.append(run("tiny (MNIST demo shape)", tiny,
-                    [Sample([Image(torch.randn(1, 32, 32), block=16)], label=i % 10) for i in range(64)],
-                    args.steps, args.precision, peak))
-    print_row(rows[-1])
+    for compiled in (False, True):
+        rows.append(run("tiny", dataclasses.replace(tiny, compile=compiled),
+                        [Sample([Image(torch.randn(1, 32, 32), block=16)], label=i % 10) for i in range(64)],
+                        args.steps, args.precision, peak))
+        print_row(rows[-1])
     if not args.skip_b:
         bcfg = ModelConfig.preset("ACDiT-B", latent_channels=4, patch_size=1, num_classes=1000,
                                   rope_max_pos=(64, 64, 64))
-        rows.append(run("ACDiT-B-shaped", bcfg, [Sample([Image(torch.randn(4, 32, 32), block=256)], label=i)
-                                                 for i in range(2)], args.steps, args.precision, peak))
-        print_row(rows[-1])
+        for compiled in (False, True):
+            rows.append(run("ACDiT-B-shaped", dataclasses.replace(bcfg, compile=compiled),
+                            [Sample([Image(torch.randn(4, 32, 32), block=256)], label=i) for i in range(2)],
+                            args.steps, args.precision, peak))
+            print_row(rows[-1])
     peak_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out(f"peak resident memory {peak_mem:,.0f} MiB")
     last = rows[-1]
@@ -97,7 +107,7 @@ def main() -> None:
 
 
 def print_row(r: dict) -> None:
-    out(f"{r['name']:<26} {r['params'] / 1e6:7.1f}M params  {r['tokens']:>6} tokens/step  {r['step_s']:7.3f} s/step  "
+    out(f"{r['name']:<26} {r['params'] / 1e6:6.1f}M params  first step {r['first_s']:5.1f} s  {r['tokens']:>6} tokens/step  {r['step_s']:7.3f} s/step  "
           f"{r['tok_s']:>9,.0f} tok/s  {r['gflop']:>8.1f} GFLOP/step  {r['tflops']:.3f} TFLOP/s  MFU {r['mfu'] * 100:5.1f}%")
 
 

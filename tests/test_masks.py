@@ -97,6 +97,29 @@ def test_backends_match_naive_attention(backend, flex_backward_on_cpu):
             torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "block"])
+def test_backends_in_bf16_match_naive_attention(backend):
+    """bf16 inputs (the autocast path): the block path's forward runs the kernel in bf16 and its
+    backward in fp32; both stay within bf16 rounding of fp32 naive attention."""
+    for seed in range(0, 200, 20):
+        lay = random_layout(seed)
+        B, L = lay.shape
+        q, k, v = (torch.randn(B, 2, L, 16).bfloat16().requires_grad_() for _ in range(3))
+        ref_mask = torch.stack([brute_force(lay.doc[b].tolist(), lay.step[b].tolist(), lay.noisy[b].tolist())
+                                for b in range(B)])[:, None]
+        qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
+        ref = naive_attention(qf, kf, vf, ref_mask)
+        out = attend(q, k, v, AttnContext(lay, None, None, backend))
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
+        g = torch.randn_like(ref)
+        grads = torch.autograd.grad((out.float() * g).sum(), (q, k, v))
+        refs = torch.autograd.grad((ref * g).sum(), (qf, kf, vf))
+        for a, r in zip(grads, refs):
+            assert a.dtype == torch.bfloat16
+            torch.testing.assert_close(a.float(), r, atol=5e-2, rtol=5e-2)
+
+
 def test_block_path_skips_the_empty_part_of_scam():
     """16 blocks of 64 tokens: the block path's groups see only allowed keys, unmasked."""
     from unimodal.sequence import Image, Sample

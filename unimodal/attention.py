@@ -264,8 +264,9 @@ def attend(q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext, layer: int = 0) ->
     """q (B, H, Lq, D), k/v (B, H, Lq, D) of this pass's tokens -> (B, H, Lq, D) under the
     context's mask; with a KV cache the keys are the cache's followed by these (the first
     ctx.n_commit of which are committed to the cache here).
-    On CPU, reduced-precision inputs are attended in fp32: the CPU kernels' bf16 backward is
-    slower than their fp32 one, and softmax stays exact."""
+    On CPU, reduced-precision inputs of the dense-mask SDPA path are attended in fp32; the block
+    and cached paths run the fused kernel's forward in the inputs' dtype (fp32 accumulation inside,
+    twice the fp32 speed in bf16) and the block path's backward in fp32 (bf16 is no faster there)."""
     if attends_in_fp32(q, ctx) and q.dtype != torch.float32:
         return attend(q.float(), k.float(), v.float(), ctx, layer).to(q.dtype)
     if ctx.cache is not None:
@@ -278,8 +279,9 @@ def attend(q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext, layer: int = 0) ->
 
 
 def attends_in_fp32(q: Tensor, ctx: AttnContext) -> bool:
-    """Reduced-precision attention inputs on the CPU kernels are attended in fp32."""
-    return q.device.type == "cpu" and q.dtype != torch.float64 and ctx.backend in ("sdpa", "block")
+    """Reduced-precision attention inputs of the CPU dense-mask path are attended in fp32."""
+    return q.device.type == "cpu" and q.dtype != torch.float64 and (
+        ctx.backend == "sdpa" or (ctx.backend == "block" and ctx.cache is not None and ctx.split_plan() is None))
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext) -> Tensor:
@@ -351,13 +353,16 @@ class _BlockSDPA(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout: Tensor):
         bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-        q, k, v, out = ctx.saved_tensors
+        dtype = dout.dtype
+        q, k, v, out = (t.float() for t in ctx.saved_tensors)  # fp32: the bf16 backward kernel is no faster
+        dout = dout.float()
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         for g, sv in zip(ctx.groups, ctx.saved):
             if sv is None:
                 dv[:, :, g.q0:g.q1] += dout[:, :, g.q0:g.q1]
                 continue
             lse, mask = sv
+            mask = None if mask is None else mask.float()
             gq, gk, gv = bwd(dout[:, :, g.q0:g.q1], q[:, :, g.q0:g.q1], _gather(k, g.k_ranges),
                              _gather(v, g.k_ranges), out[:, :, g.q0:g.q1], lse, 0.0, False, attn_mask=mask)
             dq[:, :, g.q0:g.q1] = gq
@@ -366,7 +371,7 @@ class _BlockSDPA(torch.autograd.Function):
                 dk[:, :, s:e] += gk[:, :, o:o + e - s]
                 dv[:, :, s:e] += gv[:, :, o:o + e - s]
                 o += e - s
-        return dq, dk, dv, None
+        return dq.to(dtype), dk.to(dtype), dv.to(dtype), None
 
 
 _FLEX = {}
@@ -394,14 +399,24 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=True)
 
     def forward(self, x: Tensor, ctx: AttnContext, layer: int = 0) -> Tensor:
+        q, k, v = self.project(x, ctx.cos, ctx.sin, attends_in_fp32(x, ctx))  # 3 x (B, H, L, D)
+        return self.out(attend(q, k, v, ctx, layer), x.dtype)  # (B, L, C)
+
+    def project(self, x: Tensor, cos: Tensor, sin: Tensor, fp32: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """x (B, L, C) -> q, k, v (B, H, L, D): fused QKV, QK-norm and RoPE (in fp32); with `fp32` the
+        three come out in fp32 for the CPU kernels, else in the projection's dtype."""
         B, L, C = x.shape
         qkv = self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, L, D)
-        if attends_in_fp32(qkv, ctx):  # cast once: QK-norm, RoPE and the kernel all run in fp32
+        if fp32:  # cast once: QK-norm, RoPE and the kernel all run in fp32
             qkv = qkv.float()  # (3, B, H, L, D)
         qk, v = qkv[:2].float(), qkv[2]  # (2, B, H, L, D) fp32, (B, H, L, D)
         if self.qk_norm:  # q and k normalised in one call, each with its own weight
             w = torch.stack([self.q_norm.weight, self.k_norm.weight]).float()[:, None, None, None]  # (2, 1, 1, 1, D)
             qk = F.rms_norm(qk, (self.head_dim,), eps=self.q_norm.eps) * w  # (2, B, H, L, D)
-        q, k = apply_rope(qk, ctx.cos, ctx.sin).to(v.dtype).unbind(0)  # 2 x (B, H, L, D)
-        o = attend(q, k, v, ctx, layer)  # (B, H, L, D)
-        return self.proj(o.to(x.dtype).transpose(1, 2).reshape(B, L, C))  # (B, L, C)
+        q, k = apply_rope(qk, cos, sin).to(v.dtype).unbind(0)  # 2 x (B, H, L, D)
+        return q, k, v
+
+    def out(self, o: Tensor, dtype: torch.dtype) -> Tensor:
+        """o (B, H, L, D) -> (B, L, C) through the output projection."""
+        B, H, L, D = o.shape
+        return self.proj(o.to(dtype).transpose(1, 2).reshape(B, L, H * D))  # (B, L, C)

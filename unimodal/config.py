@@ -66,6 +66,9 @@ class ModelConfig:
     # attention backend: "auto" | "sdpa" | "block" | "flex" | "naive"
     attn_backend: str = "auto"
     gradient_checkpointing: bool = False
+    # training passes run the attention-free parts of each block (norms, modulation, QKV, RoPE,
+    # MLP, residuals) under torch.compile: fused elementwise kernels; costs a compilation at start
+    compile: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -140,7 +143,6 @@ class TrainConfig:
     sample_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
     out_dir: str = "runs/default"
-    compile: bool = False
     init_from: str = ""  # checkpoint directory whose weights initialise the model (fine-tuning, probes)
     eval_at_end: bool = True
     time_limit_min: float = 0.0  # > 0: fit `steps` to this wall-time budget, measured after the first steps

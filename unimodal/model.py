@@ -14,7 +14,7 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import Attention, AttnContext, RMSNorm, RopeND, choose_backend
+from .attention import Attention, AttnContext, RMSNorm, RopeND, attend, attends_in_fp32, choose_backend
 from .config import ModelConfig
 from .masks import Layout
 from .sequence import TEXT
@@ -141,11 +141,39 @@ class Block(nn.Module):
         self.mlp = Mlp(H, int(H * cfg.mlp_ratio), cfg.mlp_act)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(H, 6 * H))
 
-    def forward(self, x: Tensor, c: Tensor, mod: Modulation, ctx: AttnContext, layer: int) -> Tensor:
+    def forward(self, x: Tensor, c: Tensor, mod: Modulation, ctx: AttnContext, layer: int,
+                compiled: bool = False) -> Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.params(self.adaLN_modulation(c), 6)
-        x = mod.residual(x, self.attn(mod.modulate(self.norm1(x), shift1, scale1), ctx, layer), gate1)  # (B, L, H)
-        x = mod.residual(x, self.mlp(mod.modulate(self.norm2(x), shift2, scale2)), gate2)  # (B, L, H)
-        return x
+        pre, post = _compiled_regions() if compiled else (_pre_attention, _post_attention)
+        q, k, v = pre(self, x, shift1, scale1, mod, ctx.cos, ctx.sin, attends_in_fp32(x, ctx))  # 3 x (B, H, L, D)
+        o = attend(q, k, v, ctx, layer)  # (B, H, L, D)
+        return post(self, x, o, gate1, shift2, scale2, gate2, mod)  # (B, L, H)
+
+
+def _pre_attention(blk: Block, x: Tensor, shift: Tensor, scale: Tensor, mod: Modulation, cos: Tensor, sin: Tensor,
+                   fp32: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """norm1, modulation, QKV, QK-norm, RoPE: x (B, L, H) -> q, k, v (B, heads, L, D)."""
+    return blk.attn.project(mod.modulate(blk.norm1(x), shift, scale), cos, sin, fp32)
+
+
+def _post_attention(blk: Block, x: Tensor, o: Tensor, gate1: Tensor, shift2: Tensor, scale2: Tensor, gate2: Tensor,
+                    mod: Modulation) -> Tensor:
+    """Output projection, gated residual, norm2, modulation, MLP, gated residual -> (B, L, H)."""
+    x = mod.residual(x, blk.attn.out(o, x.dtype), gate1)  # (B, L, H)
+    return mod.residual(x, blk.mlp(mod.modulate(blk.norm2(x), shift2, scale2)), gate2)  # (B, L, H)
+
+
+_REGIONS: dict = {}
+
+
+def _compiled_regions():
+    """The attention-free parts of a block under torch.compile (one compilation shared by all
+    blocks; attention stays with the dispatch): Inductor fuses the norms, modulation, RoPE,
+    GELU and residuals with their backward."""
+    if not _REGIONS:
+        _REGIONS["pre"] = torch.compile(_pre_attention)
+        _REGIONS["post"] = torch.compile(_post_attention)
+    return _REGIONS["pre"], _REGIONS["post"]
 
 
 class FinalLayer(nn.Module):
@@ -226,11 +254,12 @@ class ACDiT(nn.Module):
         ctx = AttnContext(inp.layout, cos, sin, backend, cache=cache, kv_layout=kv_layout, n_commit=n_commit)
         mod = Modulation(inp.cond_index)
         ckpt = self.cfg.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        compiled = self.cfg.compile and torch.is_grad_enabled()
         for i, blk in enumerate(self.blocks):
             if ckpt:
-                x = checkpoint(blk, x, c, mod, ctx, i, use_reentrant=False)  # (B, L, H)
+                x = checkpoint(blk, x, c, mod, ctx, i, compiled, use_reentrant=False)  # (B, L, H)
             else:
-                x = blk(x, c, mod, ctx, i)  # (B, L, H)
+                x = blk(x, c, mod, ctx, i, compiled)  # (B, L, H)
         if cache is not None:
             cache.advance(n_commit, inp.layout)
         # noise prediction at noised (conditioned) tokens only
