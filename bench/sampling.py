@@ -76,6 +76,30 @@ def tiny_model() -> ACDiT:
     return ACDiT(cfg).eval()
 
 
+def part3(args, spec: PackSpec, streams: int) -> tuple[str, float]:
+    """Images/s and sampling MFU in bf16 with guidance; returns the last row's (name, MFU)."""
+    out(f"\nPart 3: cached sampling throughput, bf16 autocast, batch {args.mfu_batch}, guidance 1.5 (2 streams), "
+        f"4 blocks of 256 tokens (32x32x4 latents, patch 1), {args.mfu_steps} steps per block")
+    out("FLOPs counted as in part 1 (dense layers + allowed attention pairs, both streams); the bf16 matmul peak "
+        "(2048^3) is measured right before and after each row, the better of the two taken (it drifts on this machine)")
+    mfu_cfgs = [("tiny", tiny_model())]
+    if not args.skip_b:
+        mfu_cfgs.append(("ACDiT-B-shaped", ACDiT(ModelConfig.preset("ACDiT-B", latent_channels=4, patch_size=1,
+                                                                   num_classes=1000)).eval()))
+    for name, model in mfu_cfgs:
+        labels = torch.arange(args.mfu_batch) % model.cfg.num_classes
+        time_sampling(model, spec, labels[:1], 4, 32, 32, 256, 1, "cache", 1.5, "bf16")  # warm-up
+        peak = matmul_peak(torch.bfloat16)
+        t = time_sampling(model, spec, labels, 4, 32, 32, 256, args.mfu_steps, "cache", 1.5, "bf16")
+        peak = max(peak, matmul_peak(torch.bfloat16))
+        cfg = model.cfg
+        flops = args.mfu_batch * predicted_flops(4, 256, args.mfu_steps, cfg.depth, cfg.hidden_size, True, streams=2)
+        mfu = flops / t / peak
+        out(f"{name:<16} {t:>8.1f} s  {args.mfu_batch / t:>7.3f} images/s  {flops / t / 1e12:.3f} TFLOP/s  "
+            f"peak {peak / 1e12:.3f}  MFU {mfu * 100:5.1f}%")
+    return name, mfu
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=2, help="solver steps per block in part 1")
@@ -88,18 +112,24 @@ def main() -> None:
     ap.add_argument("--skip-mfu", action="store_true", help="skip part 3 (images/s and sampling MFU)")
     ap.add_argument("--mfu-steps", type=int, default=25, help="solver steps per block in part 3")
     ap.add_argument("--mfu-batch", type=int, default=8, help="images per batch in part 3")
+    ap.add_argument("--only-mfu", action="store_true", help="run part 3 only (its RESULT line is the sampling MFU)")
     ap.add_argument("--readme", action="store_true", help="write this run's output into README.md's results")
     args = ap.parse_args()
+    if args.only_mfu and (args.skip_mfu or args.readme):
+        ap.error("--only-mfu runs part 3 alone: it cannot be combined with --skip-mfu or --readme")
     torch.manual_seed(0)
     spec = PackSpec(patch_size=1, latent_channels=4)
     streams = 2 if args.cfg != 1.0 else 1
-    peak_start = matmul_peak(torch.bfloat16) if not args.skip_mfu else 0.0
     out(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, batch {args.batch}, guidance "
         f"{args.cfg:g} ({streams} stream{'s' if streams > 1 else ''}), {args.steps} solver steps")
     out("\nPart 1: full recomputation / cached sampling")
     out(f"{'config':<16} {'blocks':>6} {'tokens':>6} {'cached s':>9} {'recompute s':>11} {'measured':>9} "
           f"{'predicted':>9} {'ratio':>6}")
     rows = []
+    if args.only_mfu:
+        mfu = part3(args, spec, streams)
+        out(f"RESULT sampling MFU, {mfu[0]} (bf16, guidance, batch {args.mfu_batch}): {mfu[1] * 100:.1f}% (target 25%)")
+        return
     configs = [("tiny", tiny_model(), 32, n) for n in (4, 16, 64)]
     if not args.skip_b:
         bcfg = ModelConfig.preset("ACDiT-B", latent_channels=4, patch_size=1, num_classes=1000)
@@ -132,24 +162,8 @@ def main() -> None:
             cells.append(f"{t:>10.2f}s")
         out(f"{L:>6} " + " ".join(cells))
     if not args.skip_mfu:
-        out(f"\nPart 3: cached sampling throughput, bf16 autocast, batch {args.mfu_batch}, guidance 1.5 (2 streams), "
-            f"4 blocks of 256 tokens (32x32x4 latents, patch 1), {args.mfu_steps} steps per block")
-        peak = max(peak_start, matmul_peak(torch.bfloat16))  # the better of the run's start and now
-        out(f"bf16 matmul peak measured: {peak / 1e12:.3f} TFLOP/s (2048^3, best of the run's start and now); FLOPs "
-            f"counted as in part 1 (dense layers + allowed attention pairs, both streams)")
-        mfu_cfgs = [("tiny", tiny_model())]
-        if not args.skip_b:
-            mfu_cfgs.append(("ACDiT-B-shaped", ACDiT(ModelConfig.preset("ACDiT-B", latent_channels=4, patch_size=1,
-                                                                       num_classes=1000)).eval()))
-        for name, model in mfu_cfgs:
-            labels = torch.arange(args.mfu_batch) % model.cfg.num_classes
-            time_sampling(model, spec, labels[:1], 4, 32, 32, 256, 1, "cache", 1.5, "bf16")  # warm-up
-            t = time_sampling(model, spec, labels, 4, 32, 32, 256, args.mfu_steps, "cache", 1.5, "bf16")
-            cfg = model.cfg
-            flops = args.mfu_batch * predicted_flops(4, 256, args.mfu_steps, cfg.depth, cfg.hidden_size, True, streams=2)
-            out(f"{name:<16} {t:>8.1f} s  {args.mfu_batch / t:>7.3f} images/s  {flops / t / 1e12:.3f} TFLOP/s  "
-                f"MFU {flops / t / peak * 100:5.1f}%")
-        out(f"(sampling MFU of the last row; target 25%: {flops / t / peak * 100:.1f}%)")
+        name, mfu = part3(args, spec, streams)
+        out(f"(sampling MFU of the last row; target 25%: {mfu * 100:.1f}%)")
     out(f"RESULT cached speed-up / predicted FLOP ratio (worst of part 1): {min(rows):.2f} (target 0.8)")
     if args.readme:
         write_readme("sampling")

@@ -220,6 +220,8 @@ def _cached_split_attention(q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext, l
     if L0 == 0:
         return o_new
     ck, cv = cache.committed(layer, cache.max_len)  # (B, H, max_len, D) each, the first L0 committed
+    if ck.dtype != q.dtype:  # a cache kept in another dtype than this pass's: its committed part, converted
+        ck, cv = ck[:, :, :L0].to(q.dtype), cv[:, :, :L0].to(q.dtype)  # (B, H, L0, D) each
     if S == 1:
         o_c, lse_c = cached(q, ck, cv, L0)  # (B, H, Lq, D), (B, H, Lq)
     else:

@@ -56,6 +56,7 @@ class KVCache:
         S = self._streams(k.shape[0])
         self.commit(layer, k, v, n_commit)
         ck, cv = self.committed(layer, L0)  # (B, H, L0, D) each
+        ck, cv = ck.to(k.dtype), cv.to(v.dtype)  # a no-op unless the pass attends in another dtype
         if S > 1:
             ck, cv = ck.repeat(S, 1, 1, 1), cv.repeat(S, 1, 1, 1)  # (S*B, H, L0, D)
         return torch.cat([ck, k], 2), torch.cat([cv, v], 2)  # (S*B, H, L0 + n, D)

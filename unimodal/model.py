@@ -171,8 +171,8 @@ def _compiled_regions():
     blocks; attention stays with the dispatch): Inductor fuses the norms, modulation, RoPE,
     GELU and residuals with their backward."""
     if not _REGIONS:
-        _REGIONS["pre"] = torch.compile(_pre_attention)
-        _REGIONS["post"] = torch.compile(_post_attention)
+        _REGIONS["pre"] = torch.compile(_pre_attention, dynamic=False)
+        _REGIONS["post"] = torch.compile(_post_attention, dynamic=False)
     return _REGIONS["pre"], _REGIONS["post"]
 
 

@@ -64,12 +64,14 @@ class SequenceSampler:
         self.scheduler_kind, self.steps = scheduler, steps
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self.mode = mode
-        rows = batch if shared_cache else self.S * batch
-        self.cache = KVCache.for_model(model, rows, max_len) if mode == "cache" else None
-        self.shared_cache = shared_cache
-        self.on_pass = on_pass  # callback(inp, n_commit, out) after every pass (tests, profiling)
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+        rows = batch if shared_cache else self.S * batch
+        # under bf16 autocast the projections, hence the cached post-RoPE K/V, are bf16
+        kv_dtype = torch.bfloat16 if precision == "bf16" else None
+        self.cache = KVCache.for_model(model, rows, max_len, dtype=kv_dtype) if mode == "cache" else None
+        self.shared_cache = shared_cache
+        self.on_pass = on_pass  # callback(inp, n_commit, out) after every pass (tests, profiling)
         # bf16 autocast for the network; the solver's arithmetic and the guidance stay in fp32
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
         self.run = 0  # running position index
