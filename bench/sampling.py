@@ -76,7 +76,7 @@ def tiny_model() -> ACDiT:
     return ACDiT(cfg).eval()
 
 
-def part3(args, spec: PackSpec, streams: int) -> tuple[str, float]:
+def part3(args, spec: PackSpec) -> tuple[str, float]:
     """Images/s and sampling MFU in bf16 with guidance; returns the last row's (name, MFU)."""
     out(f"\nPart 3: cached sampling throughput, bf16 autocast, batch {args.mfu_batch}, guidance 1.5 (2 streams), "
         f"4 blocks of 256 tokens (32x32x4 latents, patch 1), {args.mfu_steps} steps per block")
@@ -132,7 +132,7 @@ def main() -> None:
           f"{'predicted':>9} {'ratio':>6}")
     rows = []
     if args.only_mfu:
-        mfu = part3(args, spec, streams)
+        mfu = part3(args, spec)
         out(f"RESULT sampling MFU, {mfu[0]} (bf16, guidance, batch {args.mfu_batch}): {mfu[1] * 100:.1f}% (target 25%)")
         return
     configs = [("tiny", tiny_model(), 32, n) for n in (4, 16, 64)]
@@ -167,7 +167,7 @@ def main() -> None:
             cells.append(f"{t:>10.2f}s")
         out(f"{L:>6} " + " ".join(cells))
     if not args.skip_mfu:
-        name, mfu = part3(args, spec, streams)
+        name, mfu = part3(args, spec)
         out(f"(sampling MFU of the last row; target 25%: {mfu * 100:.1f}%)")
     out(f"RESULT cached speed-up / predicted FLOP ratio (worst of part 1): {min(rows):.2f} (target 0.8)")
     if args.readme:

@@ -392,6 +392,9 @@ def _flex_attention(q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext) -> Tensor
 # ----------------------------------------------------------------------------- the module
 
 class Attention(nn.Module):
+    """The attention projections of a block: `project` (before the dispatch) and `out` (after it);
+    the block calls project -> attend -> out so that both sides can be compiled apart from attention."""
+
     def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, eps: float = 1e-6):
         super().__init__()
         self.num_heads, self.head_dim, self.qk_norm = num_heads, dim // num_heads, qk_norm
@@ -399,10 +402,6 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, eps=eps) if qk_norm else nn.Identity()
         self.k_norm = RMSNorm(self.head_dim, eps=eps) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim, bias=True)
-
-    def forward(self, x: Tensor, ctx: AttnContext, layer: int = 0) -> Tensor:
-        q, k, v = self.project(x, ctx.cos, ctx.sin, attends_in_fp32(x, ctx))  # 3 x (B, H, L, D)
-        return self.out(attend(q, k, v, ctx, layer), x.dtype)  # (B, L, C)
 
     def project(self, x: Tensor, cos: Tensor, sin: Tensor, fp32: bool) -> tuple[Tensor, Tensor, Tensor]:
         """x (B, L, C) -> q, k, v (B, H, L, D): fused QKV, QK-norm and RoPE (in fp32); with `fp32` the
