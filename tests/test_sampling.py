@@ -1,6 +1,7 @@
 """The KV cache and the samplers: every cached pass equals one full forward of the sequence so far
 under the training mask; cached and recomputed sampling agree; shared-cache guidance equals two
 separate streams; text decoding controls."""
+import dataclasses
 import random
 
 import pytest
@@ -283,3 +284,21 @@ def test_bf16_autocast_sampling_stays_close_to_fp32():
     assert outs[1].dtype == torch.float32
     err = float((outs[0] - outs[1]).abs().max() / outs[0].abs().max())
     assert 0 < err < 0.1
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "block"])
+def test_compiled_regions_sample_as_eager(backend):
+    """model.compile=True also fuses the cached passes (varying pass lengths, the pending clean
+    tokens of each first step, text passes): the same samples and text as the eager model."""
+    outs = []
+    for compile_ in (False, True):
+        model = model_fp32(backend)
+        model.cfg = dataclasses.replace(model.cfg, compile=compile_)
+        s = SequenceSampler(model, SPEC, 2, labels=torch.tensor([1, 2]), cfg_scale=1.5, steps=2,
+                            generator=torch.Generator().manual_seed(0))
+        s.feed_text(torch.tensor([[1], [1]]))
+        img = s.image(2, 4, 4, block=4)
+        s.feed_text(torch.tensor([[2], [2]]))
+        outs.append((img, s.text(3, temperature=0)))
+    torch.testing.assert_close(outs[1][0], outs[0][0], atol=1e-4, rtol=1e-4)
+    assert torch.equal(outs[1][1], outs[0][1])

@@ -66,8 +66,9 @@ class ModelConfig:
     # attention backend: "auto" | "sdpa" | "block" | "flex" | "naive"
     attn_backend: str = "auto"
     gradient_checkpointing: bool = False
-    # training passes run the attention-free parts of each block (norms, modulation, QKV, RoPE,
-    # MLP, residuals) under torch.compile: fused elementwise kernels; costs a compilation at start
+    # training and sampling passes run the attention-free parts of each block (norms, modulation,
+    # QKV, RoPE, MLP, residuals) under torch.compile: fused elementwise kernels; costs a compilation
+    # per pass shape (a few for sampling)
     compile: bool = False
 
     @property

@@ -254,7 +254,7 @@ class ACDiT(nn.Module):
         ctx = AttnContext(inp.layout, cos, sin, backend, cache=cache, kv_layout=kv_layout, n_commit=n_commit)
         mod = Modulation(inp.cond_index)
         ckpt = self.cfg.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        compiled = self.cfg.compile and torch.is_grad_enabled()
+        compiled = self.cfg.compile
         for i, blk in enumerate(self.blocks):
             if ckpt:
                 x = checkpoint(blk, x, c, mod, ctx, i, compiled, use_reentrant=False)  # (B, L, H)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.func import functional_call
 from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
@@ -72,8 +73,12 @@ class SequenceSampler:
         self.cache = KVCache.for_model(model, rows, max_len, dtype=kv_dtype) if mode == "cache" else None
         self.shared_cache = shared_cache
         self.on_pass = on_pass  # callback(inp, n_commit, out) after every pass (tests, profiling)
-        # bf16 autocast for the network; the solver's arithmetic and the guidance stay in fp32
+        # bf16 autocast for the network; the solver's arithmetic and the guidance stay in fp32. The
+        # floating-point weights are cast to bf16 once here, not by autocast on every pass.
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+        self.weights = None
+        if precision == "bf16":
+            self.weights = {n: t.detach().to(torch.bfloat16) for n, t in model.named_parameters()}
         self.run = 0  # running position index
         self.unit = 0  # next autoregressive unit
         self.pending: list[_Tokens] = []
@@ -157,11 +162,11 @@ class SequenceSampler:
             logits_at = torch.zeros(rows, n_all, dtype=torch.bool)
             logits_at[:B, n_all - copies * nn_ - 1] = True
             logits_at = logits_at.to(dev)
+        kw = {"logits_at": logits_at}
+        if self.mode == "cache":
+            kw.update(cache=self.cache, n_commit=nc)
         with self.autocast:
-            if self.mode == "cache":
-                out = self.model(inp, logits_at=logits_at, cache=self.cache, n_commit=nc)
-            else:
-                out = self.model(inp, logits_at=logits_at)
+            out = self.model(inp, **kw) if self.weights is None else functional_call(self.model, self.weights, (inp,), kw)
         self.passes += 1
         if self.on_pass is not None:
             self.on_pass(self, inp, nc, out)
