@@ -40,6 +40,62 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
     return 2 * n ** 3 / min(ts)
 
 
+class Peak:
+    """The n^3 matmul's throughput in `dtype`, measured in windows interleaved with the timed work.
+
+    This machine's matmul throughput moves between ~0.6 and ~2.5 TFLOP/s (bf16) from one second to
+    the next. `mean` is the throughput over all windows (total FLOPs / total time): the rate the
+    matmul reached under the same conditions as the work timed between the windows. `best` is the
+    fastest single product seen (a burst the sustained work never sees for long).
+    """
+
+    def __init__(self, dtype: torch.dtype, n: int = 2048):
+        self.a, self.b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        self.flop = 2 * n ** 3
+        for _ in range(2):
+            self.a @ self.b
+        self.count, self.seconds, self.fastest = 0, 0.0, float("inf")
+
+    def window(self, seconds: float) -> None:
+        start = time.perf_counter()
+        while True:
+            t0 = time.perf_counter()
+            self.a @ self.b
+            t1 = time.perf_counter()
+            self.count += 1
+            self.seconds += t1 - t0
+            self.fastest = min(self.fastest, t1 - t0)
+            if t1 - start >= seconds:
+                return
+
+    @property
+    def mean(self) -> float:
+        return self.count * self.flop / self.seconds
+
+    @property
+    def best(self) -> float:
+        return self.flop / self.fastest
+
+
+def interleaved(fn, reps: int, peak: Peak, warmup: int = 1, min_window: float = 0.3) -> list[float]:
+    """Times of `reps` calls of fn, each preceded by a matmul window as long as the previous call
+    (at least min_window seconds); one more window closes the run. Returns the call times."""
+    last = min_window
+    for _ in range(warmup):
+        t0 = time.perf_counter()
+        fn()
+        last = time.perf_counter() - t0
+    times = []
+    for _ in range(reps):
+        peak.window(max(min_window, last))
+        t0 = time.perf_counter()
+        fn()
+        last = time.perf_counter() - t0
+        times.append(last)
+    peak.window(max(min_window, last))
+    return times
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
