@@ -27,19 +27,6 @@ def out(line: str = "") -> None:
     _lines.append(line)
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
-    """Best-of-reps FLOP/s of an n^3 matrix product in `dtype` on this machine, now."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        a @ b
-        ts.append(time.perf_counter() - t0)
-    return 2 * n ** 3 / min(ts)
-
-
 class Peak:
     """The n^3 matmul's throughput in `dtype`, measured in windows interleaved with the timed work.
 
