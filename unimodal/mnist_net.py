@@ -74,6 +74,7 @@ def to_input(images) -> torch.Tensor:
     return ((x - MEAN) / STD)[:, None]  # (N, 1, 28, 28)
 
 
+@torch.enable_grad()  # also when first called from a no_grad caller (features/classify on a fresh cache)
 def train(path: str | Path | None = None, epochs: int = 3, batch_size: int = 128, seed: int = 0,
           progress: bool = True) -> MnistNet:
     """Train on the 60k train split (Adam, one-cycle schedule), save to `path`, return the net in eval mode."""
