@@ -176,7 +176,8 @@ def test_shared_cache_guidance_equals_two_separate_streams():
             assert s.cache.kv.shape[2] == 3
         else:
             assert s.cache.kv.shape[2] == 6
-    torch.testing.assert_close(res[0], res[1], atol=1e-5, rtol=1e-5)
+    # the same sums in another order (stacked queries vs one stream per call): fp32 rounding, grown by 5 steps
+    torch.testing.assert_close(res[0], res[1], atol=1e-5, rtol=1e-4)
 
 
 def test_guidance_formula_against_unguided_streams():

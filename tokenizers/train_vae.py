@@ -46,7 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-images", type=int, default=10000, help="MNIST test images for the PSNR report")
     p.add_argument("--shift", action="store_true", help="also set shift_factor to the latent mean")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
     return p.parse_args(argv)
 
 
@@ -83,7 +83,8 @@ def evaluate_psnr(codec, images: np.ndarray, resolution: int, batch_size: int = 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     train_x, _ = mnist_arrays("train")  # (60000,28,28) uint8
