@@ -9,6 +9,8 @@ second), so the peak is measured in the same stretch of time as the work: every 
 preceded by a window of back-to-back 2048^3 products as long as the step, and MFU = the row's
 achieved FLOP/s / the products' mean FLOP/s over its windows. The MFU against the fastest single
 product of the whole run is printed beside it.
+One more step per row runs under the profiler and splits its time between the dense matmuls, the
+attention kernels and the rest, with the FLOP rate of the first two.
 Each config runs eager and with `model.compile=True` (the attention-free parts of every block
 under torch.compile; the compilation is left out of the step times and printed apart); the
 optimizer is train.py's (fused AdamW).
@@ -38,14 +40,34 @@ from unimodal.model import ACDiT  # noqa: E402
 from unimodal.sequence import Image, PackSpec, Sample, pack  # noqa: E402
 
 
-def step_flops(cfg: ModelConfig, packed) -> float:
+def step_flops(cfg: ModelConfig, packed) -> tuple[float, float]:
+    """(all, attention) FLOPs of one training step."""
     d, depth = cfg.hidden_size, cfg.depth
     tokens = int((packed.doc >= 0).sum())
     noisy = int(packed.noisy.sum())
     pairs = sum(int(masks.dense_mask(packed.layout.row(b)).sum()) for b in range(packed.doc.shape[0]))
     per_layer = 24 * d * d * tokens + 4 * d * pairs + 12 * d * d * packed.n_blocks
     head = 2 * d * cfg.patch_dim * (tokens + noisy) + 2 * 2 * d * d * packed.n_blocks  # embed, final layer
-    return 3 * (depth * per_layer + head)
+    return 3 * (depth * per_layer + head), 3 * depth * 4 * d * pairs
+
+
+ATTN_KERNELS = ("aten::_scaled_dot_product_flash_attention_for_cpu",
+                "aten::_scaled_dot_product_flash_attention_for_cpu_backward")
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+
+
+def time_split(step) -> dict:
+    """One step under the profiler: the seconds spent in dense matmuls, in the attention kernels,
+    and in everything else (elementwise and compiled regions, norms, the optimizer, Python)."""
+    from torch.profiler import profile
+    with profile() as prof:
+        t0 = time.perf_counter()
+        step()
+        wall = time.perf_counter() - t0
+    own = {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}
+    mm = sum(own.get(k, 0.0) for k in MATMULS)
+    attn = sum(own.get(k, 0.0) for k in ATTN_KERNELS)
+    return {"wall": wall, "matmul": mm, "attention": attn, "rest": max(wall - mm - attn, 0.0)}
 
 
 def run(name: str, cfg: ModelConfig, samples, steps: int, precision: str) -> dict:
@@ -57,7 +79,7 @@ def run(name: str, cfg: ModelConfig, samples, steps: int, precision: str) -> dic
     packed = pack(samples, spec)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     sched, lc = train_scheduler(), LossConfig()
-    flops = step_flops(cfg, packed)
+    flops, attn_flops = step_flops(cfg, packed)
     seed = iter(range(10 ** 6))
 
     def step():
@@ -72,12 +94,13 @@ def run(name: str, cfg: ModelConfig, samples, steps: int, precision: str) -> dic
     first = time.perf_counter() - t0
     peak = Peak(dtype)
     times = interleaved(step, steps, peak)
+    split = time_split(step)
     tokens = int((packed.doc >= 0).sum())
     name = f"{name}, {'compiled' if cfg.compile else 'eager'}"
     tflops = flops * len(times) / sum(times) / 1e12
     return {"name": name, "first_s": first, "params": sum(p.numel() for p in model.parameters()), "tokens": tokens,
             "step_s": statistics.median(times), "tok_s": tokens / statistics.median(times), "gflop": flops / 1e9,
-            "tflops": tflops, "peak": peak}
+            "tflops": tflops, "peak": peak, "split": split, "flops": flops, "attn_flops": attn_flops}
 
 
 def main() -> None:
@@ -114,6 +137,15 @@ def main() -> None:
         r["mfu"] = r["tflops"] * 1e12 / r["peak"].mean
         r["mfu_best"] = r["tflops"] * 1e12 / best
         print_row(r)
+    out("time split of one more step, profiled (self time of the ops; 'rest' = elementwise and compiled regions, "
+        "norms, optimizer, Python):")
+    for r in rows:
+        sp = r["split"]
+        w = sp["wall"]
+        out(f"  {r['name']:<26} dense matmuls {sp['matmul'] / w * 100:4.1f}% at "
+            f"{(r['flops'] - r['attn_flops']) / max(sp['matmul'], 1e-9) / 1e12:.3f} TFLOP/s   attention kernels "
+            f"{sp['attention'] / w * 100:4.1f}% at {r['attn_flops'] / max(sp['attention'], 1e-9) / 1e12:.3f} TFLOP/s   "
+            f"rest {sp['rest'] / w * 100:4.1f}%")
     peak_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out(f"peak resident memory {peak_mem:,.0f} MiB")
     top = max(rows[-2:], key=lambda r: r["mfu"])  # the B-shaped rows (or tiny with --skip-b), the faster mode

@@ -120,6 +120,29 @@ def test_backends_in_bf16_match_naive_attention(backend):
             torch.testing.assert_close(a.float(), r, atol=5e-2, rtol=5e-2)
 
 
+@pytest.mark.parametrize("block", [64, 256])
+def test_block_path_in_bf16_matches_naive_attention_on_both_backward_kernels(block):
+    """One 32x32 image in blocks of `block` tokens: groups under LOW_BWD_MIN_QUERIES queries take
+    the fp32 backward kernel, larger ones the bf16 kernel; both within bf16 rounding of fp32 naive."""
+    from unimodal.attention import LOW_BWD_MIN_QUERIES
+    from unimodal.sequence import Image, Sample
+    lay = pack([Sample([Image(torch.randn(1, 32, 32), block=block)])], PackSpec()).layout
+    sizes = {g.q1 - g.q0 for g in masks.query_groups(lay)}
+    assert (max(sizes) >= LOW_BWD_MIN_QUERIES) == (block >= LOW_BWD_MIN_QUERIES)
+    g = torch.Generator().manual_seed(block)
+    q, k, v = (torch.randn(1, 2, lay.shape[1], 32, generator=g).bfloat16().requires_grad_() for _ in range(3))
+    qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref = naive_attention(qf, kf, vf, masks.dense_mask(lay)[:, None])
+    out = attend(q, k, v, AttnContext(lay, None, None, "block"))
+    torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
+    dout = torch.randn(ref.shape, generator=g)
+    grads = torch.autograd.grad((out.float() * dout).sum(), (q, k, v))
+    refs = torch.autograd.grad((ref * dout).sum(), (qf, kf, vf))
+    for a, r in zip(grads, refs):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a.float(), r, atol=5e-2, rtol=5e-2)
+
+
 def test_block_path_skips_the_empty_part_of_scam():
     """16 blocks of 64 tokens: the block path's groups see only allowed keys, unmasked."""
     from unimodal.sequence import Image, Sample

@@ -25,6 +25,9 @@ from .masks import Layout
 
 BACKENDS = ("auto", "sdpa", "block", "flex", "flash")
 MAX_BLOCK_GROUPS = 96  # above this many query groups per row the block path falls back to dense SDPA
+# The CPU backward kernel in bf16 beats the fp32 one (1.1-1.3x) from about 128 queries per call and
+# loses below (0.5x at 16): smaller groups of a bf16 block path take the fp32 kernel (measured here).
+LOW_BWD_MIN_QUERIES = 128
 
 
 # ----------------------------------------------------------------------------- RoPE-ND
@@ -267,9 +270,9 @@ def attend(q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext, layer: int = 0) ->
     context's mask; with a KV cache the keys are the cache's followed by these (the first
     ctx.n_commit of which are committed to the cache here).
     On CPU, reduced-precision inputs of the dense-mask SDPA path are attended in fp32; the block
-    and cached paths run the fused kernel, forward and backward, in the inputs' dtype (fp32
-    accumulation and softmax inside; in bf16 measured here at 0.8-2x the fp32 speed forward and
-    1-1.5x backward, depending on the machine's state), the gradients summed in fp32."""
+    and cached paths run the fused kernel's forward in the inputs' dtype (fp32 accumulation and
+    softmax inside), and the block path its backward too, except for query groups under
+    LOW_BWD_MIN_QUERIES, whose backward runs in fp32; the gradients are summed in fp32."""
     if attends_in_fp32(q, ctx) and q.dtype != torch.float32:
         return attend(q.float(), k.float(), v.float(), ctx, layer).to(q.dtype)
     if ctx.cache is not None:
@@ -357,15 +360,20 @@ class _BlockSDPA(torch.autograd.Function):
     def backward(ctx, dout: Tensor):
         bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
         dtype = dout.dtype
-        q, k, v, out = ctx.saved_tensors  # the kernel runs in the inputs' dtype (bf16: 1-1.5x the fp32 speed)
+        q, k, v, out = ctx.saved_tensors
         dq, dk, dv = (torch.zeros(t.shape, dtype=torch.float32) for t in (q, k, v))  # fp32 accumulators
-        for g, sv in zip(ctx.groups, ctx.saved):
+        low = q.dtype != torch.float32
+        small = [low and g.q1 - g.q0 < LOW_BWD_MIN_QUERIES for g in ctx.groups]
+        f32 = tuple(t.float() for t in (dout, q, k, v, out)) if any(small) else None
+        for g, sv, sm in zip(ctx.groups, ctx.saved, small):
             if sv is None:
                 dv[:, :, g.q0:g.q1] += dout[:, :, g.q0:g.q1]
                 continue
             lse, mask = sv  # the additive mask is in the inputs' dtype
-            gq, gk, gv = bwd(dout[:, :, g.q0:g.q1], q[:, :, g.q0:g.q1], _gather(k, g.k_ranges),
-                             _gather(v, g.k_ranges), out[:, :, g.q0:g.q1], lse, 0.0, False, attn_mask=mask)
+            go, gq_, gk_, gv_, gout = f32 if sm else (dout, q, k, v, out)
+            mask = mask.float() if sm and mask is not None else mask
+            gq, gk, gv = bwd(go[:, :, g.q0:g.q1], gq_[:, :, g.q0:g.q1], _gather(gk_, g.k_ranges),
+                             _gather(gv_, g.k_ranges), gout[:, :, g.q0:g.q1], lse, 0.0, False, attn_mask=mask)
             dq[:, :, g.q0:g.q1] = gq
             o = 0
             for s, e in g.k_ranges:
