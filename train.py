@@ -242,9 +242,8 @@ def _refit_schedule(opt, sched, cfg: TrainConfig):
         g["lr"] = g["initial_lr"]
     new = get_wsd_schedule(opt, num_warmup_steps=cfg.optim.warmup_steps,
                            num_decay_steps=int(cfg.optim.decay_frac * cfg.steps), num_training_steps=cfg.steps,
-                           decay_type=cfg.optim.decay_type, min_lr_ratio=cfg.optim.min_lr_ratio)
-    for _ in range(done):
-        new.step()
+                           decay_type=cfg.optim.decay_type, min_lr_ratio=cfg.optim.min_lr_ratio,
+                           last_epoch=done - 1)  # its first step lands on `done`
     return new
 
 

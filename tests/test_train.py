@@ -182,3 +182,35 @@ def test_bf16_training_loss_stays_within_2_percent_of_fp32(tmp_path):
         a, b = np.mean(runs["bf16"][sl]), np.mean(runs["fp32"][sl])
         print(f"steps {sl.start}-{sl.stop}: bf16 {a:.5f} fp32 {b:.5f} ({(a - b) / b * 100:+.2f}%)")
         assert abs(a - b) / b <= 0.02, (sl, a, b)
+
+
+def test_time_budget_refit_continues_the_stretched_schedule_without_warnings(tmp_path):
+    """The schedule refitted to a new total at step 37 (on the optimizer as accelerate wraps it, as
+    train.py does) gives, from there on, the learning rates of transformers' WSD schedule built for
+    that total from the start (the oracle), and no warning."""
+    import warnings
+    import dataclasses
+    from accelerate import Accelerator
+    from transformers import get_wsd_schedule
+
+    cfg = tiny_cfg(tmp_path, "steps=100", "optim.warmup_steps=10", "optim.decay_frac=0.3")
+
+    def fresh(total):  # as train.py: the schedule on the plain optimizer, which accelerate then wraps
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.optim.lr)
+        sched = get_wsd_schedule(opt, num_warmup_steps=10, num_decay_steps=int(0.3 * total),
+                                 num_training_steps=total, decay_type=cfg.optim.decay_type)
+        return Accelerator(cpu=True).prepare(opt), sched
+
+    opt, sched = fresh(100)
+    ref_opt, ref = fresh(60)
+    for _ in range(37):
+        opt.step(), sched.step(), ref_opt.step(), ref.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sched = train._refit_schedule(opt, sched, dataclasses.replace(cfg, steps=60))
+        lrs, ref_lrs = [], []
+        for _ in range(23):
+            lrs.append(opt.param_groups[0]["lr"])
+            ref_lrs.append(ref_opt.param_groups[0]["lr"])
+            opt.step(), sched.step(), ref_opt.step(), ref.step()
+    assert lrs == pytest.approx(ref_lrs, rel=1e-12) and ref_lrs[-1] < ref_lrs[0]
