@@ -83,6 +83,26 @@ def interleaved(fn, reps: int, peak: Peak, warmup: int = 1, min_window: float = 
     return times
 
 
+ATTN_KERNELS = ("aten::_scaled_dot_product_flash_attention_for_cpu",
+                "aten::_scaled_dot_product_flash_attention_for_cpu_backward")
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+
+
+def time_split(fn) -> dict:
+    """One call of fn under the profiler: its wall seconds, and those spent in dense matmuls, in the
+    attention kernels and in everything else (elementwise and compiled regions, norms, the
+    optimizer, Python), from the ops' self times."""
+    from torch.profiler import profile
+    with profile() as prof:
+        t0 = time.perf_counter()
+        fn()
+        wall = time.perf_counter() - t0
+    own = {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}
+    mm = sum(own.get(k, 0.0) for k in MATMULS)
+    attn = sum(own.get(k, 0.0) for k in ATTN_KERNELS)
+    return {"wall": wall, "matmul": mm, "attention": attn, "rest": max(wall - mm - attn, 0.0)}
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:

@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import Peak, interleaved, out, write_readme  # noqa: E402
+from report import Peak, interleaved, out, time_split, write_readme  # noqa: E402
 from unimodal import masks  # noqa: E402
 from unimodal.config import ModelConfig  # noqa: E402
 from unimodal.diffusion import LossConfig, train_scheduler, training_loss  # noqa: E402
@@ -49,25 +49,6 @@ def step_flops(cfg: ModelConfig, packed) -> tuple[float, float]:
     per_layer = 24 * d * d * tokens + 4 * d * pairs + 12 * d * d * packed.n_blocks
     head = 2 * d * cfg.patch_dim * (tokens + noisy) + 2 * 2 * d * d * packed.n_blocks  # embed, final layer
     return 3 * (depth * per_layer + head), 3 * depth * 4 * d * pairs
-
-
-ATTN_KERNELS = ("aten::_scaled_dot_product_flash_attention_for_cpu",
-                "aten::_scaled_dot_product_flash_attention_for_cpu_backward")
-MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
-
-
-def time_split(step) -> dict:
-    """One step under the profiler: the seconds spent in dense matmuls, in the attention kernels,
-    and in everything else (elementwise and compiled regions, norms, the optimizer, Python)."""
-    from torch.profiler import profile
-    with profile() as prof:
-        t0 = time.perf_counter()
-        step()
-        wall = time.perf_counter() - t0
-    own = {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}
-    mm = sum(own.get(k, 0.0) for k in MATMULS)
-    attn = sum(own.get(k, 0.0) for k in ATTN_KERNELS)
-    return {"wall": wall, "matmul": mm, "attention": attn, "rest": max(wall - mm - attn, 0.0)}
 
 
 def run(name: str, cfg: ModelConfig, samples, steps: int, precision: str) -> dict:
