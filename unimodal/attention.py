@@ -370,10 +370,10 @@ class _BlockSDPA(torch.autograd.Function):
                 dv[:, :, g.q0:g.q1] += dout[:, :, g.q0:g.q1]
                 continue
             lse, mask = sv  # the additive mask is in the inputs' dtype
-            go, gq_, gk_, gv_, gout = f32 if sm else (dout, q, k, v, out)
+            do_, q_, k_, v_, o_ = f32 if sm else (dout, q, k, v, out)  # this group's kernel dtype
             mask = mask.float() if sm and mask is not None else mask
-            gq, gk, gv = bwd(go[:, :, g.q0:g.q1], gq_[:, :, g.q0:g.q1], _gather(gk_, g.k_ranges),
-                             _gather(gv_, g.k_ranges), gout[:, :, g.q0:g.q1], lse, 0.0, False, attn_mask=mask)
+            gq, gk, gv = bwd(do_[:, :, g.q0:g.q1], q_[:, :, g.q0:g.q1], _gather(k_, g.k_ranges),
+                             _gather(v_, g.k_ranges), o_[:, :, g.q0:g.q1], lse, 0.0, False, attn_mask=mask)
             dq[:, :, g.q0:g.q1] = gq
             o = 0
             for s, e in g.k_ranges:
