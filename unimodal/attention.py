@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import masks
+from . import block_kernel, masks
 from .config import rope_base
 from .masks import Layout
 
@@ -333,6 +333,23 @@ def _block_row_autograd(q: Tensor, k: Tensor, v: Tensor, groups: list) -> Tensor
     return torch.cat(outs, 2)  # (B, H, L, D)
 
 
+def _kernel_split(q: Tensor, groups: list) -> tuple[list, list]:
+    """The groups the fused CPU kernel takes (`block_kernel.takes`) and the rest (ATen's kernels)."""
+    if not block_kernel.supports(q):
+        return [], groups
+    hit = _SPLIT_KERNEL.get(id(groups))
+    if hit is None or hit[0] is not groups:  # kept per group list (query_groups caches its lists)
+        fused = [g for g in groups if block_kernel.takes(g)]
+        rest = [g for g in groups if not block_kernel.takes(g)]
+        if len(_SPLIT_KERNEL) > 256:
+            _SPLIT_KERNEL.clear()
+        hit = _SPLIT_KERNEL[id(groups)] = (groups, fused, rest)
+    return hit[1], hit[2]
+
+
+_SPLIT_KERNEL: dict = {}
+
+
 class _BlockSDPA(torch.autograd.Function):
     """One fused-kernel SDPA call per query group (forward and backward), gradients written
     straight into preallocated dq/dk/dv instead of autograd's per-slice full-size buffers."""
@@ -342,8 +359,10 @@ class _BlockSDPA(torch.autograd.Function):
         fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
         B, H, L, D = q.shape
         out = q.new_empty(B, L, H, D).transpose(1, 2)  # (B, H, L, D), memory as (B, L, H, D)
+        fused, rest = _kernel_split(q, groups)
+        lse_fused = block_kernel.forward(q, k, v, out, fused) if fused else None  # (B, H, L) on fused rows
         saved = []
-        for g in groups:
+        for g in rest:
             if not g.k_ranges:
                 out[:, :, g.q0:g.q1] = v[:, :, g.q0:g.q1]
                 saved.append(None)
@@ -352,16 +371,19 @@ class _BlockSDPA(torch.autograd.Function):
             o, lse = fwd(q[:, :, g.q0:g.q1], _gather(k, g.k_ranges), _gather(v, g.k_ranges), attn_mask=mask)
             out[:, :, g.q0:g.q1] = o  # (B, H, n, D)
             saved.append((lse, mask))
-        ctx.groups, ctx.saved = groups, saved
-        ctx.save_for_backward(q, k, v, out)
+        ctx.groups, ctx.saved, ctx.fused = rest, saved, fused
+        ctx.save_for_backward(q, k, v, out, lse_fused)
         return out
 
     @staticmethod
     def backward(ctx, dout: Tensor):
         bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
         dtype = dout.dtype
-        q, k, v, out = ctx.saved_tensors
+        q, k, v, out, lse_fused = ctx.saved_tensors
         dq, dk, dv = (torch.zeros(t.shape, dtype=torch.float32) for t in (q, k, v))  # fp32 accumulators
+        if ctx.fused:
+            dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+            block_kernel.backward(q, k, v, out, dout, lse_fused, dq, dk, dv, ctx.fused)
         low = q.dtype != torch.float32
         small = [low and g.q1 - g.q0 < LOW_BWD_MIN_QUERIES for g in ctx.groups]
         f32 = tuple(t.float() for t in (dout, q, k, v, out)) if any(small) else None

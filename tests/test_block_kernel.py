@@ -1,0 +1,115 @@
+"""The fused CPU block-attention kernel (unimodal/csrc/block_attention.cpp) against fp64 naive
+softmax attention and against ATen's kernels on the same groups, forward and backward."""
+import math
+
+import pytest
+import torch
+
+from unimodal import attention, block_kernel, masks
+from unimodal.attention import AttnContext, attend
+from unimodal.sequence import Image, PackSpec, Sample, Text, Video, pack
+
+pytestmark = pytest.mark.skipif(not block_kernel.available(), reason=f"no block kernel here: "
+                                f"{block_kernel.unavailable_reason()}")
+
+TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
+GRAD_TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=5e-2, rtol=5e-2)}
+
+
+def layouts():
+    g = torch.Generator().manual_seed(0)
+    one = [Sample([Image(torch.randn(1, 32, 32, generator=g), block=64)])]  # 16 blocks of 64
+    big = [Sample([Image(torch.randn(1, 32, 32, generator=g), block=256)])]  # 4 blocks of 256
+    rect = [Sample([Image(torch.randn(1, 16, 32, generator=g), block=(4, 8))])]  # 16 blocks of 32
+    video = [Sample([Video(torch.randn(4, 1, 8, 8, generator=g), frames_per_block=1)])]  # 4 blocks of 64
+    docs = [Sample([Image(torch.randn(1, 16, 16, generator=g), block=64)]),  # two documents in one row
+            Sample([Image(torch.randn(1, 8, 16, generator=g), block=(4, 8))])]
+    mixed = [Sample([Text(torch.arange(16)), Image(torch.randn(1, 16, 16, generator=g), block=64)], label=1)]
+    return {"16x64": one, "4x256": big, "rect": rect, "video": video, "two-docs": docs, "text+image": mixed}
+
+
+LAYOUTS = layouts()
+
+
+def naive(q, k, v, mask):
+    s = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(q.shape[-1])  # (B, H, L, L)
+    return s.masked_fill(~mask, float("-inf")).softmax(-1) @ v.double()  # (B, H, L, D)
+
+
+def qkv(B, H, L, D, dtype, seed):
+    """q, k, v as the model makes them: strided views of one fused projection."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, L, 3, H, D, generator=g).to(dtype).permute(2, 0, 3, 1, 4)  # (3, B, H, L, D)
+    return [t.detach().requires_grad_() for t in x.unbind(0)]
+
+
+def run(q, k, v, lay, dout):
+    out = attend(q, k, v, AttnContext(lay, None, None, "block"))
+    return (out, *torch.autograd.grad(out, (q, k, v), dout))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", list(LAYOUTS))
+@pytest.mark.parametrize("D", [32, 64])
+def test_kernel_matches_naive_attention_and_aten(name, dtype, D, monkeypatch):
+    lay = pack(LAYOUTS[name], PackSpec()).layout
+    B, L, H = lay.shape[0], lay.shape[1], 2
+    groups = masks.query_groups(lay.row(0))
+    fused, rest = attention._kernel_split(torch.empty(1, 1, 1, D, dtype=dtype), groups)
+    assert fused, "the kernel must take some groups of this layout"
+    assert (name == "text+image") == bool(rest)  # text runs are masked groups: ATen's kernels take them
+    q, k, v = qkv(B, H, L, D, dtype, seed=D)
+    dout = torch.randn(B, H, L, D, generator=torch.Generator().manual_seed(1)).to(dtype)
+    got = run(q, k, v, lay, dout)
+
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = naive(qd, kd, vd, masks.dense_mask(lay)[:, None])
+    refs = (ref, *torch.autograd.grad(ref, (qd, kd, vd), dout.double()))
+    monkeypatch.setattr(block_kernel, "supports", lambda q: False)  # the same groups through ATen's kernels
+    aten = run(q, k, v, lay, dout)
+    for name_, a, r, t in zip(("out", "dq", "dk", "dv"), got, refs, aten):
+        assert a.dtype == dtype, name_
+        tol = TOL[dtype] if name_ == "out" else GRAD_TOL[dtype]
+        torch.testing.assert_close(a.double(), r, **tol, msg=lambda m: f"{name_} vs naive: {m}")
+        if dtype == torch.bfloat16:  # no worse than ATen's bf16 kernels, up to rounding noise
+            err, err_aten = (a.double() - r).abs().mean(), (t.double() - r).abs().mean()
+            assert err <= 1.5 * err_aten + 1e-4, (name_, float(err), float(err_aten))
+
+
+def test_kernel_rejects_groups_it_cannot_pack():
+    """Groups whose sizes are not multiples of 16 are left to ATen's kernels; given to the kernel
+    directly, they are refused with an error, not computed wrong."""
+    q = k = v = torch.randn(1, 1, 40, 32)
+    bad = [masks.QueryGroup(0, 8, ((0, 8),), None)]
+    assert not block_kernel.takes(bad[0])
+    with pytest.raises(ValueError, match="rejected"):
+        block_kernel.forward(q, k, v, torch.empty_like(q), bad)
+
+
+def test_model_training_step_uses_the_kernel_and_matches_aten(monkeypatch):
+    """One fp32 loss and its gradients of a small ACDiT whose blocks the kernel takes, with and
+    without the kernel."""
+    from unimodal.config import ModelConfig
+    from unimodal.diffusion import LossConfig, train_scheduler, training_loss
+    from unimodal.model import ACDiT
+    calls = []
+    real = block_kernel.backward
+    monkeypatch.setattr(block_kernel, "backward", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    cfg = ModelConfig(depth=2, hidden_size=64, num_heads=2, latent_channels=1, num_classes=10, attn_backend="block")
+    model = ACDiT(cfg)  # head_dim 32
+    g = torch.Generator().manual_seed(3)
+    batch = pack([Sample([Image(torch.randn(1, 8, 8, generator=g), block=16)], label=i) for i in range(2)], PackSpec())
+
+    def grads():
+        model.zero_grad()
+        loss, _ = training_loss(model, batch, train_scheduler(), LossConfig(), torch.Generator().manual_seed(1))
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    loss, gs = grads()
+    assert calls, "the kernel's backward ran"
+    monkeypatch.setattr(block_kernel, "supports", lambda q: False)
+    loss_a, gs_a = grads()
+    torch.testing.assert_close(loss, loss_a, atol=1e-5, rtol=1e-5)
+    for a, b in zip(gs, gs_a):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

@@ -1,0 +1,161 @@
+"""The fused CPU kernel of the block attention path (`csrc/block_attention.cpp`, AVX-512 / AVX512-BF16).
+
+Built on first use with the system C++ compiler (`-march=native`) into `<cache>/kernels/`, keyed by
+the source's hash and the compiler flags, and loaded with ctypes. Where it cannot be built (no
+compiler, a CPU without AVX512-BF16) or `UNIMODAL_BLOCK_KERNEL=0` is set, `available()` is False and
+the block path uses ATen's fused SDPA kernels instead.
+
+`forward(q, k, v, groups)` and `backward(...)` take (B, H, L, D) tensors (fp32 or bf16, last axis
+contiguous, D a multiple of 32) and the query groups `takes` accepts.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import math
+import os
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .assets import cache_dir
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "block_attention.cpp"
+FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread"]
+DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+
+_lib: ctypes.CDLL | None = None
+_state = {"tried": False, "error": None}
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _build() -> ctypes.CDLL:
+    cxx = os.environ.get("CXX", "g++")
+    src = SOURCE.read_bytes()
+    tag = hashlib.sha256(src + " ".join([cxx] + FLAGS).encode()).hexdigest()[:16]
+    out = cache_dir() / "kernels" / f"block_attention-{tag}.so"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        os.close(fd)
+        try:
+            res = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+            if res.returncode != 0:
+                raise RuntimeError(f"{cxx} failed on {SOURCE.name}:\n{res.stderr[-2000:]}")
+            os.replace(tmp, out)  # atomic: concurrent builders (DDP ranks) never load a partial file
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    lib = ctypes.CDLL(str(out))
+    p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+    lib.block_attention_forward.argtypes = [i, i, i, i, i, p, p, p, p, p, p, p, p, p, p, i, f, i]
+    lib.block_attention_backward.argtypes = [i, i, i, i, i, p, p, p, p, p, p, p, p, p, p, p, p, p, p, p, i, f, i]
+    lib.block_attention_forward.restype = lib.block_attention_backward.restype = i
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel, or None where it is unavailable (the reason in `unavailable_reason()`)."""
+    global _lib
+    if not _state["tried"]:
+        _state["tried"] = True
+        if os.environ.get("UNIMODAL_BLOCK_KERNEL", "1") == "0":
+            _state["error"] = "disabled by UNIMODAL_BLOCK_KERNEL=0"
+        elif not {"avx512f", "avx512bw", "avx512_bf16"} <= _cpu_flags():
+            _state["error"] = "the CPU lacks AVX-512 with BF16 (avx512f, avx512bw, avx512_bf16)"
+        else:
+            try:
+                _lib = _build()
+            except (OSError, RuntimeError) as e:
+                _state["error"] = f"could not build {SOURCE.name}: {e}"
+                warnings.warn(f"block attention kernel unavailable, using ATen's SDPA kernels ({_state['error']})")
+    return _lib
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def unavailable_reason() -> str | None:
+    library()
+    return _state["error"]
+
+
+def supports(q: Tensor) -> bool:
+    return q.device.type == "cpu" and q.dtype in DTYPES and q.shape[-1] % 32 == 0 and available()
+
+
+def takes(group) -> bool:
+    """Whether the kernel takes this query group: every pair allowed, and the packed layouts' alignment
+    (query count and range lengths multiples of 16, even starts)."""
+    return (group.mask is None and bool(group.k_ranges) and (group.q1 - group.q0) % 16 == 0 and group.q0 % 2 == 0
+            and all((e - s) % 16 == 0 and s % 2 == 0 for s, e in group.k_ranges))
+
+
+_ENCODED: dict = {}
+
+
+def encode(groups) -> ctypes.Array:
+    """Query groups -> the kernel's int32 description (q0, q1, n_ranges, ranges...), kept per group list."""
+    hit = _ENCODED.get(id(groups))
+    if hit is not None and hit[0] is groups:
+        return hit[1]
+    flat = []
+    for g in groups:
+        flat += [g.q0, g.q1, len(g.k_ranges)] + [x for r in g.k_ranges for x in r]
+    arr = (ctypes.c_int32 * len(flat))(*flat)
+    if len(_ENCODED) > 256:
+        _ENCODED.clear()
+    _ENCODED[id(groups)] = (groups, arr)
+    return arr
+
+
+def _strides(t: Tensor) -> ctypes.Array:
+    if t.stride(-1) != 1:
+        raise ValueError(f"block kernel: the last axis must be contiguous, got strides {t.stride()}")
+    return (ctypes.c_int64 * 3)(*t.stride()[:3])
+
+
+def _ptr(t: Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr())
+
+
+def forward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, groups) -> Tensor:
+    """Writes softmax(q k^T / sqrt(D)) v of every group's queries into out (B, H, L, D); returns the
+    log-sum-exp (B, H, L) fp32 (rows of other queries left unset)."""
+    B, H, L, D = q.shape
+    lse = torch.empty(B, H, L, dtype=torch.float32)
+    rc = library().block_attention_forward(
+        DTYPES[q.dtype], B, H, L, D, _ptr(q), _strides(q), _ptr(k), _strides(k), _ptr(v), _strides(v),
+        _ptr(out), _strides(out), _ptr(lse), encode(groups), len(groups), 1.0 / math.sqrt(D), torch.get_num_threads())
+    if rc != 0:
+        raise ValueError(f"block kernel rejected q {tuple(q.shape)} {q.dtype}")
+    return lse
+
+
+def backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: Tensor,
+             dq: Tensor, dk: Tensor, dv: Tensor, groups) -> None:
+    """Adds the gradients of the groups' attention into dq, dk, dv (fp32, contiguous (B, H, L, D))."""
+    B, H, L, D = q.shape
+    for t in (dq, dk, dv):
+        assert t.dtype == torch.float32 and t.is_contiguous() and t.shape == q.shape
+    rc = library().block_attention_backward(
+        DTYPES[q.dtype], B, H, L, D, _ptr(q), _strides(q), _ptr(k), _strides(k), _ptr(v), _strides(v),
+        _ptr(out), _strides(out), _ptr(dout), _strides(dout), _ptr(lse), _ptr(dq), _ptr(dk), _ptr(dv),
+        encode(groups), len(groups), 1.0 / math.sqrt(D), torch.get_num_threads())
+    if rc != 0:
+        raise ValueError(f"block kernel rejected q {tuple(q.shape)} {q.dtype}")
