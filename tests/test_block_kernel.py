@@ -84,6 +84,20 @@ def test_kernel_rejects_groups_it_cannot_pack():
     assert not block_kernel.takes(bad[0])
     with pytest.raises(ValueError, match="rejected"):
         block_kernel.forward(q, k, v, torch.empty_like(q), bad)
+    outside = [masks.QueryGroup(0, 16, ((0, 48),), None)]  # keys past L = 40
+    with pytest.raises(ValueError, match="rejected"):
+        block_kernel.forward(q, k, v, torch.empty_like(q), outside)
+
+
+def test_bf16_rows_an_odd_number_of_elements_apart_are_copied_not_misread():
+    lay = pack(LAYOUTS["16x64"], PackSpec()).layout
+    L = lay.shape[1]
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, L, 33, generator=g).bfloat16()[..., :32] for _ in range(3))  # row stride 33
+    assert q.stride(2) == 33
+    out = attend(q, k, v, AttnContext(lay, None, None, "block"))
+    ref = naive(q, k, v, masks.dense_mask(lay)[:, None])
+    torch.testing.assert_close(out.double(), ref, **TOL[torch.bfloat16])
 
 
 def test_model_training_step_uses_the_kernel_and_matches_aten(monkeypatch):

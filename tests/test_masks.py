@@ -122,10 +122,13 @@ def test_backends_in_bf16_match_naive_attention(backend):
 
 
 @pytest.mark.parametrize("block", [64, 256])
-def test_block_path_in_bf16_matches_naive_attention_on_both_backward_kernels(block):
-    """One 32x32 image in blocks of `block` tokens: groups under LOW_BWD_MIN_QUERIES queries take
-    the fp32 backward kernel, larger ones the bf16 kernel; both within bf16 rounding of fp32 naive."""
+def test_block_path_in_bf16_matches_naive_attention_on_both_backward_kernels(block, monkeypatch):
+    """One 32x32 image in blocks of `block` tokens through ATen's kernels (the own kernel, which would
+    take these groups, switched off): groups under LOW_BWD_MIN_QUERIES queries take the fp32 backward
+    kernel, larger ones the bf16 kernel; both within bf16 rounding of fp32 naive."""
+    from unimodal import block_kernel
     from unimodal.attention import LOW_BWD_MIN_QUERIES
+    monkeypatch.setattr(block_kernel, "supports", lambda q: False)
     from unimodal.sequence import Image, Sample
     lay = pack([Sample([Image(torch.randn(1, 32, 32), block=block)])], PackSpec()).layout
     sizes = {g.q1 - g.q0 for g in masks.query_groups(lay)}

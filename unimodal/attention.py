@@ -2,8 +2,9 @@
 
 Backends (all derive their masks from `masks.allowed`):
   "sdpa"   scaled_dot_product_attention with the dense (B, 1, L, L) boolean mask
-  "block"  block-structured CPU path: one SDPA call per query group over the keys it can see,
-           unmasked wherever the group sees its keys fully (SCAM's empty part is never computed)
+  "block"  block-structured CPU path: per query group, attention over exactly the keys it can see
+           (SCAM's empty part is never computed): the own fused kernel (`block_kernel`, AVX-512 /
+           AVX512-BF16) for groups that see their keys fully, one ATen fused SDPA call per group otherwise
   "flex"   FlexAttention with a BlockMask (compiled on CUDA; eager elsewhere, forward only on CPU)
   "flash"  cached passes on CUDA (optional extra): flash_attn_with_kvcache over the committed cache,
            flash_attn_func over the pass's own tokens by query group, merged by log-sum-exp
@@ -270,9 +271,9 @@ def attend(q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext, layer: int = 0) ->
     context's mask; with a KV cache the keys are the cache's followed by these (the first
     ctx.n_commit of which are committed to the cache here).
     On CPU, reduced-precision inputs of the dense-mask SDPA path are attended in fp32; the block
-    and cached paths run the fused kernel's forward in the inputs' dtype (fp32 accumulation and
-    softmax inside), and the block path its backward too, except for query groups under
-    LOW_BWD_MIN_QUERIES, whose backward runs in fp32; the gradients are summed in fp32."""
+    and cached paths run their kernels in the inputs' dtype (fp32 accumulation and softmax inside):
+    the own kernel forward and backward where it takes the group, else ATen's, whose backward runs in
+    fp32 for query groups under LOW_BWD_MIN_QUERIES; the gradients are summed in fp32."""
     if attends_in_fp32(q, ctx) and q.dtype != torch.float32:
         return attend(q.float(), k.float(), v.float(), ctx, layer).to(q.dtype)
     if ctx.cache is not None:
@@ -351,8 +352,9 @@ _SPLIT_KERNEL: dict = {}
 
 
 class _BlockSDPA(torch.autograd.Function):
-    """One fused-kernel SDPA call per query group (forward and backward), gradients written
-    straight into preallocated dq/dk/dv instead of autograd's per-slice full-size buffers."""
+    """The block path on CPU: the own kernel over the groups it takes (one call for all of them),
+    one ATen fused-kernel SDPA call per remaining group; gradients written straight into preallocated
+    fp32 dq/dk/dv instead of autograd's per-slice full-size buffers."""
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, groups: list) -> Tensor:

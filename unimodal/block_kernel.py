@@ -124,9 +124,15 @@ def encode(groups) -> ctypes.Array:
     return arr
 
 
+def readable(t: Tensor) -> Tensor:
+    """t itself when the kernel can read it in place (last axis contiguous; bf16 rows an even number
+    of elements apart), else a contiguous copy."""
+    if t.stride(-1) != 1 or (t.dtype == torch.bfloat16 and any(s % 2 for s in t.stride()[:3])):
+        return t.contiguous()
+    return t
+
+
 def _strides(t: Tensor) -> ctypes.Array:
-    if t.stride(-1) != 1:
-        raise ValueError(f"block kernel: the last axis must be contiguous, got strides {t.stride()}")
     return (ctypes.c_int64 * 3)(*t.stride()[:3])
 
 
@@ -138,12 +144,13 @@ def forward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, groups) -> Tensor:
     """Writes softmax(q k^T / sqrt(D)) v of every group's queries into out (B, H, L, D); returns the
     log-sum-exp (B, H, L) fp32 (rows of other queries left unset)."""
     B, H, L, D = q.shape
+    q, k, v = readable(q), readable(k), readable(v)
+    assert out.stride(-1) == 1 and out.dtype == q.dtype, "out: written in place, last axis contiguous"
     lse = torch.empty(B, H, L, dtype=torch.float32)
     rc = library().block_attention_forward(
         DTYPES[q.dtype], B, H, L, D, _ptr(q), _strides(q), _ptr(k), _strides(k), _ptr(v), _strides(v),
         _ptr(out), _strides(out), _ptr(lse), encode(groups), len(groups), 1.0 / math.sqrt(D), torch.get_num_threads())
-    if rc != 0:
-        raise ValueError(f"block kernel rejected q {tuple(q.shape)} {q.dtype}")
+    _raise_on(rc, q, groups)
     return lse
 
 
@@ -151,11 +158,21 @@ def backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: Te
              dq: Tensor, dk: Tensor, dv: Tensor, groups) -> None:
     """Adds the gradients of the groups' attention into dq, dk, dv (fp32, contiguous (B, H, L, D))."""
     B, H, L, D = q.shape
+    q, k, v, out, dout = (readable(t) for t in (q, k, v, out, dout))
     for t in (dq, dk, dv):
         assert t.dtype == torch.float32 and t.is_contiguous() and t.shape == q.shape
     rc = library().block_attention_backward(
         DTYPES[q.dtype], B, H, L, D, _ptr(q), _strides(q), _ptr(k), _strides(k), _ptr(v), _strides(v),
         _ptr(out), _strides(out), _ptr(dout), _strides(dout), _ptr(lse), _ptr(dq), _ptr(dk), _ptr(dv),
         encode(groups), len(groups), 1.0 / math.sqrt(D), torch.get_num_threads())
+    _raise_on(rc, q, groups)
+
+
+def _raise_on(rc: int, q: Tensor, groups) -> None:
+    if rc == -2:
+        bad = next(g for g in groups if not takes(g))
+        raise ValueError(f"block kernel rejected query group {bad}: it needs query counts and range lengths "
+                         f"that are multiples of 16 and even starts (see `takes`)")
     if rc != 0:
-        raise ValueError(f"block kernel rejected q {tuple(q.shape)} {q.dtype}")
+        raise ValueError(f"block kernel rejected q {tuple(q.shape)} {q.dtype} strides {q.stride()} or its groups "
+                         f"(head dim a multiple of 32, groups inside [0, L))")

@@ -1,11 +1,12 @@
 // Fused block-structured attention for x86-64 CPUs with AVX-512 (fp32) and AVX512-BF16 (bf16).
 //
 // A row of queries is cut into query groups; group g has the queries [q0, q1) and sees exactly the keys
-// of its ranges (the union of the ranges, every pair allowed). Forward: per (batch, head, group) the
-// group's keys are packed once, then per tile of query rows S = Q K^T (fp32 accumulation), the softmax
-// in fp32 registers, O = P V. Backward (FlashAttention-2 order): per (batch, head, group) and tile of
-// keys, per tile of queries: S, P = exp(scale S - lse), dP = dO V^T, dS = P (dP - delta);
-// dV += P^T dO, dK += scale dS^T Q, dQ += scale dS K, all accumulated in fp32.
+// of its ranges (the union of the ranges, every pair allowed). K and V (forward), Q, dO and K (backward)
+// are packed once per (batch, head) into the layouts the GEMM micro-kernels read. Forward, per (batch,
+// head, group) and tile of query rows: S = Q K^T over the group's ranges (fp32 accumulation), the
+// softmax in fp32, O = P V. Backward (FlashAttention-2 order), per (batch, head), group, tile of keys and
+// tile of queries: S, P = exp(scale S - lse), dP = dO V^T, dS = P (dP - delta); dV += P^T dO,
+// dK += scale dS^T Q, dQ += scale dS K, accumulated in fp32.
 // bf16 operands go through vdpbf16ps (pairs of bf16 along the reduction axis, fp32 sums); P and dS are
 // rounded to the operands' dtype for their products, as GPU flash attention does.
 //
@@ -19,6 +20,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
+#include <memory>
+#include <mutex>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -29,47 +33,25 @@ typedef uint16_t bf16;
 
 // ---------------------------------------------------------------- element access
 
-inline float to_f(float x) { return x; }
-inline float to_f(bf16 x) {
-  uint32_t u = uint32_t(x) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-template <typename T> inline T from_f(float x);
-template <> inline float from_f<float>(float x) { return x; }
-template <> inline bf16 from_f<bf16>(float x) {  // round to nearest even (NaN kept NaN)
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
-  if ((u & 0x7fffffff) > 0x7f800000) return bf16((u >> 16) | 0x40);
-  u += 0x7fff + ((u >> 16) & 1);
-  return bf16(u >> 16);
-}
-
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const bf16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
 inline void store16(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
-inline __m512 round_bf16(__m512 x) {  // fp32 -> nearest bf16 -> fp32
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(x)), 16));
-}
 inline void store16(bf16* p, __m512 x) { _mm256_storeu_si256((__m256i*)p, (__m256i)_mm512_cvtneps_pbh(x)); }
 
-// exp for x <= 0 (softmax arguments): 2^n * p(r), |r| <= ln2/2, degree-6 Taylor (rel. error ~2e-7)
+// exp for x <= 0 (softmax arguments): 2^n p(r), |r| <= ln2/2, Taylor polynomial of degree DEG
+// (relative error ~2e-7 at 6 for fp32; ~4e-6 at 5, below the 4e-3 of the bf16 P it feeds).
+template <int DEG>
 inline __m512 exp16(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-100.f));
   __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
   r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
-  __m512 p = _mm512_set1_ps(1.f / 720);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  static constexpr float inv_fact[7] = {1.f, 1.f, 1.f / 2, 1.f / 6, 1.f / 24, 1.f / 120, 1.f / 720};
+  __m512 p = _mm512_set1_ps(inv_fact[DEG]);
+  for (int j = DEG - 1; j >= 0; j--) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(inv_fact[j]));
   return _mm512_scalef_ps(p, n);
 }
 
@@ -80,6 +62,7 @@ inline __m512 exp16(__m512 x) {
 template <typename T> struct KStep;
 template <> struct KStep<float> { static constexpr int v = 1; };
 template <> struct KStep<bf16> { static constexpr int v = 2; };
+template <typename T> constexpr int EXP_DEG = KStep<T>::v == 2 ? 5 : 6;
 
 template <typename T, int MR, int NV>
 void micro(int K, const T* A, int lda, const T* Bp, int ldb, float* C, int ldc, bool acc_in) {
@@ -123,6 +106,7 @@ constexpr auto micro_row(std::integer_sequence<int, MRs...>) {
 constexpr int MAX_MR = 8;
 inline int mr_for(int nv) { return nv == 4 ? 6 : 8; }  // accumulators + B vectors within 32 registers
 
+// Column panels of 4 vectors (6 rows per micro-kernel call), then 3, 2 or 1 (8 rows).
 template <typename T>
 void gemm(int M, int N, int K, const T* A, int lda, const T* Bp, int ldb, float* C, int ldc, bool accumulate) {
   static const std::array<MicroFn<T>, MAX_MR> table[4] = {
@@ -130,8 +114,8 @@ void gemm(int M, int N, int K, const T* A, int lda, const T* Bp, int ldb, float*
       micro_row<T, 2>(std::make_integer_sequence<int, MAX_MR>{}),
       micro_row<T, 3>(std::make_integer_sequence<int, MAX_MR>{}),
       micro_row<T, 4>(std::make_integer_sequence<int, MAX_MR>{})};
-  for (int n0 = 0; n0 < N; n0 += 64) {
-    int nv = std::min(4, (N - n0) / 16);
+  for (int n0 = 0, nv; n0 < N; n0 += 16 * nv) {
+    nv = std::min(4, (N - n0) / 16);
     int MR = mr_for(nv);
     const T* B = Bp + (size_t)n0 * KStep<T>::v;
     for (int m0 = 0; m0 < M; m0 += MR) {
@@ -143,44 +127,80 @@ void gemm(int M, int N, int K, const T* A, int lda, const T* Bp, int ldb, float*
 
 // ---------------------------------------------------------------- packing
 // "B operand" layouts: element (k, n) of a K x N matrix at fp32 [k][ldb + n], bf16 [(k/2)][n][k&1].
+// The L rows of one (batch, head) start at x and lie sl elements apart (sl even for bf16).
+// 16 (fp32) or 16 word-pairs (bf16) of rows are moved per gather; a scalar tail finishes.
 
+// out (D x L, rows ld apart): element (d, r) = x[r][d]: the B operand of "rows . x^T" (bf16: pairs along D).
 template <typename T>
-inline size_t bidx(int k, int n, int ldb) {
-  return KStep<T>::v == 1 ? (size_t)k * ldb + n : ((size_t)(k >> 1) * ldb + n) * 2 + (k & 1);
-}
-
-// rows[r] points at row r (D elements); out (D x Np): element (d, r) = rows[r][d]; columns >= R zero
-template <typename T>
-void pack_transposed(const std::vector<const T*>& rows, int R, int D, int Np, T* out) {
-  std::fill(out, out + (size_t)D * Np, T(0));
-  if constexpr (KStep<T>::v == 2) {  // bf16: 32-bit words (d, d+1) move together
-    uint32_t* o = reinterpret_cast<uint32_t*>(out);
-    for (int r = 0; r < R; r++) {
-      const uint32_t* s = reinterpret_cast<const uint32_t*>(rows[r]);
-      for (int w = 0; w < D / 2; w++) o[(size_t)w * Np + r] = s[w];
-    }
+void pack_transposed(const T* x, int64_t sl, int L, int D, T* out, int ld) {
+  const int r16 = L / 16 * 16;
+  if constexpr (KStep<T>::v == 2) {  // 32-bit words (d, d+1) move together
+    const int32_t* w = reinterpret_cast<const int32_t*>(x);
+    int32_t* o = reinterpret_cast<int32_t*>(out);
+    const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                           _mm512_set1_epi32((int)(sl / 2)));
+    for (int r = 0; r < r16; r += 16)
+      for (int c = 0; c < D / 2; c++)
+        _mm512_storeu_si512(o + (size_t)c * ld + r, _mm512_i32gather_epi32(idx, w + (r * sl) / 2 + c, 4));
+    for (int r = r16; r < L; r++)
+      for (int c = 0; c < D / 2; c++) o[(size_t)c * ld + r] = w[(r * sl) / 2 + c];
   } else {
-    for (int r = 0; r < R; r++)
-      for (int d = 0; d < D; d++) out[(size_t)d * Np + r] = rows[r][d];
+    const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                           _mm512_set1_epi32((int)sl));
+    for (int r = 0; r < r16; r += 16)
+      for (int d = 0; d < D; d++) _mm512_storeu_ps(out + (size_t)d * ld + r, _mm512_i32gather_ps(idx, x + r * sl + d, 4));
+    for (int r = r16; r < L; r++)
+      for (int d = 0; d < D; d++) out[(size_t)d * ld + r] = x[r * sl + d];
   }
 }
 
-// out (Rp x D): element (r, d) = rows[r][d]; rows >= R zero (Rp even for bf16)
+// out (Lp x D), Lp = L rounded up to even: element (r, d) = x[r][d], the B operand of "(. x L) . x"
+// (bf16: rows r, r+1 interleaved); a missing last row is zero.
 template <typename T>
-void pack_rows(const std::vector<const T*>& rows, int R, int Rp, int D, T* out) {
+void pack_rows(const T* x, int64_t sl, int L, int D, T* out) {
   if constexpr (KStep<T>::v == 1) {
-    for (int r = 0; r < R; r++) std::memcpy(out + (size_t)r * D, rows[r], D * sizeof(T));
-    std::fill(out + (size_t)R * D, out + (size_t)Rp * D, T(0));
+    for (int r = 0; r < L; r++) std::memcpy(out + (size_t)r * D, x + r * sl, D * sizeof(T));
   } else {
-    for (int r = 0; r < Rp; r += 2) {
+    const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                        39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+    for (int r = 0; r < L; r += 2) {
       T* o = out + (size_t)r * D;
-      const T* a = r < R ? rows[r] : nullptr;
-      const T* b = r + 1 < R ? rows[r + 1] : nullptr;
-      for (int d = 0; d < D; d++) {
-        o[2 * d] = a ? a[d] : T(0);
-        o[2 * d + 1] = b ? b[d] : T(0);
+      for (int d = 0; d < D; d += 32) {
+        __m512i a = _mm512_loadu_si512(x + r * sl + d);
+        __m512i b = r + 1 < L ? _mm512_loadu_si512(x + (r + 1) * sl + d) : _mm512_setzero_si512();
+        _mm512_storeu_si512(o + 2 * d, _mm512_permutex2var_epi16(a, lo, b));
+        _mm512_storeu_si512(o + 2 * d + 32, _mm512_permutex2var_epi16(a, hi, b));
       }
     }
+  }
+}
+
+// out (D x L, rows ld apart) element (d, r) = x[r][d], plain (bf16 elements one by one): the A operand
+// of "x^T . (L x .)".
+template <typename T>
+void plain_transposed(const T* x, int64_t sl, int L, int D, T* out, int ld) {
+  if constexpr (KStep<T>::v == 1) {
+    pack_transposed<T>(x, sl, L, D, out, ld);
+  } else {
+    const int r32 = L / 32 * 32;
+    const int32_t* w = reinterpret_cast<const int32_t*>(x);
+    const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                           _mm512_set1_epi32((int)(sl / 2)));
+    __m512i even = _mm512_setzero_si512(), odd;
+    alignas(64) int16_t ev[32];
+    for (int i = 0; i < 32; i++) ev[i] = int16_t(2 * i);
+    even = _mm512_load_si512(ev);
+    odd = _mm512_add_epi16(even, _mm512_set1_epi16(1));
+    for (int r = 0; r < r32; r += 32)
+      for (int c = 0; c < D / 2; c++) {
+        __m512i g0 = _mm512_i32gather_epi32(idx, w + (r * sl) / 2 + c, 4);         // rows r..r+15: (d, d+1)
+        __m512i g1 = _mm512_i32gather_epi32(idx, w + ((r + 16) * sl) / 2 + c, 4);  // rows r+16..r+31
+        _mm512_storeu_si512(out + (size_t)(2 * c) * ld + r, _mm512_permutex2var_epi16(g0, even, g1));
+        _mm512_storeu_si512(out + (size_t)(2 * c + 1) * ld + r, _mm512_permutex2var_epi16(g0, odd, g1));
+      }
+    for (int r = r32; r < L; r++)
+      for (int d = 0; d < D; d++) out[(size_t)d * ld + r] = x[r * sl + d];
   }
 }
 
@@ -199,67 +219,98 @@ struct Group {
   }
 };
 
-std::vector<Group> parse_groups(const int32_t* g, int ngroups) {
-  std::vector<Group> out(ngroups);
-  for (int i = 0; i < ngroups; i++) {
-    out[i].q0 = *g++;
-    out[i].q1 = *g++;
-    int nr = *g++;
-    for (int r = 0; r < nr; r++, g += 2) out[i].ranges.push_back({g[0], g[1]});
-  }
-  return out;
-}
-
-template <typename F>
-void parallel_for(int n, int nthreads, F&& f) {
-  std::atomic<int> next{0};
-  auto work = [&]() {
-    for (int i; (i = next.fetch_add(1)) < n;) f(i);
-  };
-  std::vector<std::thread> pool;
-  for (int t = 1; t < std::min(nthreads, n); t++) pool.emplace_back(work);
-  work();
-  for (auto& th : pool) th.join();
-}
-
-inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
-
-template <typename T>
-const T* row_ptr(const Tensor4& t, int b, int h, int l) {
-  return reinterpret_cast<const T*>(t.p) + b * t.sb + h * t.sh + (int64_t)l * t.sl;
-}
-
-// ---------------------------------------------------------------- per-(batch, head) packed operands
-
-// All L rows of x at (b, h): transposed (D x L), bf16 pairs along D, as the B operand of "rows . x^T".
-template <typename T>
-void pack_all_transposed(const Tensor4& x, int b, int h, int L, int D, T* out) {
-  std::vector<const T*> rows(L);
-  for (int l = 0; l < L; l++) rows[l] = row_ptr<T>(x, b, h, l);
-  pack_transposed<T>(rows, L, D, L, out);
-}
-// All L rows as the B operand of "(. x L) . x" (L x D), bf16 pairs along L (L padded to even).
-template <typename T>
-void pack_all_rows(const Tensor4& x, int b, int h, int L, int D, T* out) {
-  std::vector<const T*> rows(L);
-  for (int l = 0; l < L; l++) rows[l] = row_ptr<T>(x, b, h, l);
-  pack_rows<T>(rows, L, round_up(L, 2), D, out);
-}
-// Plain transpose (D x L), elements in place (the A operand of "x^T . (L x .)", bf16 pairs along L).
-template <typename T>
-void plain_transposed(const Tensor4& x, int b, int h, int L, int D, T* out) {
-  for (int l = 0; l < L; l++) {
-    const T* r = row_ptr<T>(x, b, h, l);
-    for (int d = 0; d < D; d++) out[(size_t)d * L + l] = r[d];
-  }
-}
-
 bool aligned(const Group& g) {  // what the packed layouts need: 16-multiples, even starts
   if ((g.q1 - g.q0) % 16 || g.q0 % 2) return false;
   for (auto& r : g.ranges)
     if ((r.second - r.first) % 16 || r.first % 2) return false;
   return true;
 }
+
+// The groups, or an empty list if one reaches outside [0, L) or is empty.
+std::vector<Group> parse_groups(const int32_t* g, int ngroups, int L) {
+  std::vector<Group> out(ngroups);
+  for (int i = 0; i < ngroups; i++) {
+    out[i].q0 = *g++;
+    out[i].q1 = *g++;
+    int nr = *g++;
+    if (out[i].q0 < 0 || out[i].q1 > L || out[i].q0 >= out[i].q1 || nr < 1) return {};
+    for (int r = 0; r < nr; r++, g += 2) {
+      if (g[0] < 0 || g[1] > L || g[0] >= g[1]) return {};
+      out[i].ranges.push_back({g[0], g[1]});
+    }
+  }
+  return out;
+}
+
+// 0, or -1 (a bad size, group or stride: bf16 rows must lie an even number of elements apart), or
+// -2 (a group outside the packed layouts' alignment).
+int check(int dtype, int D, int L, const std::vector<Group>& gs, int ngroups, std::initializer_list<const int64_t*> strides) {
+  if (D % 32 != 0 || dtype < 0 || dtype > 1 || (int)gs.size() != ngroups || L < 1) return -1;
+  for (auto s : strides)
+    if (dtype == 1 && (s[0] % 2 || s[1] % 2 || s[2] % 2)) return -1;
+  for (auto& g : gs)
+    if (!aligned(g)) return -2;
+  return 0;
+}
+
+// f(task, worker) for task in [0, n) on up to nthreads workers (worker 0 is the caller).
+template <typename F>
+void parallel_for(int n, int nthreads, F&& f) {
+  std::atomic<int> next{0};
+  auto work = [&](int worker) {
+    for (int i; (i = next.fetch_add(1)) < n;) f(i, worker);
+  };
+  std::vector<std::thread> pool;
+  for (int t = 1; t < std::min(nthreads, n); t++) pool.emplace_back(work, t);
+  work(0);
+  for (auto& th : pool) th.join();
+}
+
+inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
+// A row stride for n elements that is no multiple of 4 KiB apart (power-of-two strides make the rows
+// of a panel share L1 sets).
+inline int padded(int n) { return round_up(n, 16) + 16; }
+
+// Scratch memory without value-initialisation (every element is written before it is read), kept
+// from call to call so that its pages are not faulted in again.
+template <typename T>
+struct Scratch {
+  std::unique_ptr<T[]> p;
+  size_t n = 0;
+  T* get(size_t want) {
+    if (want > n) p.reset(new T[want]), n = want;
+    return p.get();
+  }
+};
+
+constexpr int MAX_THREADS = 256;
+struct Workspace {  // one per worker
+  Scratch<uint16_t> h[5];
+  Scratch<float> f[5];
+  template <typename T>
+  T* get(int i, size_t n) {
+    if constexpr (sizeof(T) == 2) return reinterpret_cast<T*>(h[i].get(n));
+    else return reinterpret_cast<T*>(f[i].get(n));
+  }
+};
+Workspace workspaces[MAX_THREADS];
+Scratch<uint16_t> shared_h[2];
+Scratch<float> shared_f[2];
+std::mutex call_lock;  // the workspaces serve one call at a time
+
+template <typename T>
+T* shared_scratch(int i, size_t n) {
+  if constexpr (sizeof(T) == 2) return reinterpret_cast<T*>(shared_h[i].get(n));
+  else return reinterpret_cast<T*>(shared_f[i].get(n));
+}
+
+template <typename T>
+const T* row_ptr(const Tensor4& t, int b, int h, int l) {
+  return reinterpret_cast<const T*>(t.p) + b * t.sb + h * t.sh + (int64_t)l * t.sl;
+}
+
+template <typename T>
+const T* rows_of(const Tensor4& t, int b, int h) { return reinterpret_cast<const T*>(t.p) + b * t.sb + h * t.sh; }
 
 // ---------------------------------------------------------------- forward
 
@@ -269,10 +320,12 @@ template <typename T>
 void forward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, float* lse, int L,
              const std::vector<Group>& groups, float scale, int nthreads) {
   const int G = groups.size(), KS = KStep<T>::v, Le = round_up(L, 2);
-  std::vector<T> Kt((size_t)B * H * D * L), Vp((size_t)B * H * Le * D);
-  parallel_for(B * H, nthreads, [&](int bh) {
-    pack_all_transposed<T>(k, bh / H, bh % H, L, D, &Kt[(size_t)bh * D * L]);  // B of Q K^T: (D x L)
-    pack_all_rows<T>(v, bh / H, bh % H, L, D, &Vp[(size_t)bh * Le * D]);       // B of P V: (L x D)
+  const int Lt = padded(L);
+  T* Kt = shared_scratch<T>(0, (size_t)B * H * D * Lt);
+  T* Vp = shared_scratch<T>(1, (size_t)B * H * Le * D);
+  parallel_for(B * H, nthreads, [&](int bh, int) {
+    pack_transposed<T>(rows_of<T>(k, bh / H, bh % H), k.sl, L, D, &Kt[(size_t)bh * D * Lt], Lt);  // B of Q K^T: (D x L)
+    pack_rows<T>(rows_of<T>(v, bh / H, bh % H), v.sl, L, D, &Vp[(size_t)bh * Le * D]);       // B of P V: (L x D)
   });
   std::vector<int> order(B * H * G);
   for (int i = 0; i < (int)order.size(); i++) order[i] = i;
@@ -280,33 +333,33 @@ void forward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, fl
     const Group &ga = groups[a % G], &gb = groups[b % G];
     return (int64_t)(ga.q1 - ga.q0) * ga.keys() > (int64_t)(gb.q1 - gb.q0) * gb.keys();
   });
-  parallel_for(order.size(), nthreads, [&](int task) {
+  parallel_for(order.size(), nthreads, [&](int task, int worker) {
     int t = order[task];
     const Group& g = groups[t % G];
     int bh = t / G, b = bh / H, h = bh % H;
-    int m = g.keys();
-    const T* kt = &Kt[(size_t)bh * D * L];
+    int m = g.keys(), ms = padded(m);
+    const T* kt = &Kt[(size_t)bh * D * Lt];
     const T* vp = &Vp[(size_t)bh * Le * D];
-    std::vector<T> P((size_t)QT_FWD * m);
-    std::vector<float> S((size_t)QT_FWD * m), O((size_t)QT_FWD * D);
+    Workspace& ws = workspaces[worker];
+    T* P = ws.get<T>(2, (size_t)QT_FWD * ms);  // apart from S and O when T is float
+    float *S = ws.get<float>(0, (size_t)QT_FWD * ms), *O = ws.get<float>(1, (size_t)QT_FWD * D);
     for (int r0 = g.q0; r0 < g.q1; r0 += QT_FWD) {
       int nr = std::min(QT_FWD, g.q1 - r0), col = 0;
       for (auto& r : g.ranges) {  // S (nr x m), the ranges side by side
-        gemm<T>(nr, r.second - r.first, D, row_ptr<T>(q, b, h, r0), q.sl, kt + (size_t)r.first * KS, L, S.data() + col,
-                m, false);
+        gemm<T>(nr, r.second - r.first, D, row_ptr<T>(q, b, h, r0), q.sl, kt + (size_t)r.first * KS, Lt, S + col,
+                ms, false);
         col += r.second - r.first;
       }
       float rowsum[QT_FWD];
       for (int i = 0; i < nr; i++) {
-        float* s = &S[(size_t)i * m];
-        T* p = &P[(size_t)i * m];
+        float* s = &S[(size_t)i * ms];
+        T* p = &P[(size_t)i * ms];
         __m512 mx = _mm512_set1_ps(-INFINITY);
         for (int c = 0; c < m; c += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + c));
         float mxs = _mm512_reduce_max_ps(mx);
         __m512 shift = _mm512_set1_ps(-mxs * scale), sc = _mm512_set1_ps(scale), sum = _mm512_setzero_ps();
         for (int c = 0; c < m; c += 16) {
-          __m512 e = exp16(_mm512_fmadd_ps(_mm512_loadu_ps(s + c), sc, shift));
-          if constexpr (KStep<T>::v == 2) e = round_bf16(e);  // normalise by what P V sums
+          __m512 e = exp16<EXP_DEG<T>>(_mm512_fmadd_ps(_mm512_loadu_ps(s + c), sc, shift));
           sum = _mm512_add_ps(sum, e);
           store16(p + c, e);
         }
@@ -316,7 +369,7 @@ void forward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, fl
       col = 0;
       for (size_t ri = 0; ri < g.ranges.size(); ri++) {  // O (nr x D) = sum over ranges of P[:, range] V[range]
         auto& r = g.ranges[ri];
-        gemm<T>(nr, D, r.second - r.first, P.data() + col, m, vp + (size_t)r.first * D, D, O.data(), D, ri > 0);
+        gemm<T>(nr, D, r.second - r.first, P + col, ms, vp + (size_t)r.first * D, D, O, D, ri > 0);
         col += r.second - r.first;
       }
       for (int i = 0; i < nr; i++) {
@@ -333,21 +386,25 @@ void forward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, fl
 // P^T and dS^T come out in the row-major layout the products dV += P^T dO and dK += dS^T Q read, and
 // dQ^T += K^T dS^T takes dS^T re-paired along keys.
 
-constexpr int QT_BWD = 32, KT_BWD = 64;
+constexpr int QT_BWD = 64, KT_BWD = 64;
 
 template <typename T>
 void backward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, Tensor4 dout, const float* lse,
               float* dq, float* dk, float* dv, int L, const std::vector<Group>& groups, float scale, int nthreads) {
   const int KS = KStep<T>::v, Le = round_up(L, 2);
-  parallel_for(B * H, nthreads, [&](int bh) {  // one task per (batch, head): its groups add into the same dk/dv rows
+  // one task per (batch, head): its groups add into the same dk/dv rows
+  parallel_for(B * H, nthreads, [&](int bh, int worker) {
     int b = bh / H, h = bh % H;
     const int64_t base = (int64_t)bh * L;
-    std::vector<T> Qt((size_t)D * L), dOt((size_t)D * L), Qp((size_t)Le * D), dOp((size_t)Le * D), KT((size_t)D * L);
-    pack_all_transposed<T>(q, b, h, L, D, Qt.data());      // B of K Q^T: (D x L)
-    pack_all_transposed<T>(dout, b, h, L, D, dOt.data());  // B of V dO^T: (D x L)
-    pack_all_rows<T>(q, b, h, L, D, Qp.data());            // B of dS^T Q: (L x D)
-    pack_all_rows<T>(dout, b, h, L, D, dOp.data());        // B of P^T dO: (L x D)
-    plain_transposed<T>(k, b, h, L, D, KT.data());         // A of K^T dS^T: (D x L)
+    Workspace& ws = workspaces[worker];
+    const int Lt = padded(L);
+    T *Qt = ws.get<T>(0, (size_t)D * Lt), *dOt = ws.get<T>(1, (size_t)D * Lt), *KT = ws.get<T>(2, (size_t)D * Lt);
+    T *Qp = ws.get<T>(3, (size_t)Le * D), *dOp = ws.get<T>(4, (size_t)Le * D);
+    pack_transposed<T>(rows_of<T>(q, b, h), q.sl, L, D, Qt, Lt);    // B of K Q^T: (D x L)
+    pack_transposed<T>(rows_of<T>(dout, b, h), dout.sl, L, D, dOt, Lt);  // B of V dO^T: (D x L)
+    pack_rows<T>(rows_of<T>(q, b, h), q.sl, L, D, Qp);      // B of dS^T Q: (L x D)
+    pack_rows<T>(rows_of<T>(dout, b, h), dout.sl, L, D, dOp);      // B of P^T dO: (L x D)
+    plain_transposed<T>(rows_of<T>(k, b, h), k.sl, L, D, KT, Lt);      // A of K^T dS^T: (D x L)
     std::vector<T> PT((size_t)KT_BWD * QT_BWD), dST((size_t)KT_BWD * QT_BWD), dSp((size_t)KT_BWD * QT_BWD);
     std::vector<float> ST((size_t)KT_BWD * QT_BWD), dPT((size_t)KT_BWD * QT_BWD), dKacc((size_t)KT_BWD * D),
         dVacc((size_t)KT_BWD * D), dQT, delta;
@@ -360,7 +417,8 @@ void backward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, T
         for (int d = 0; d < D; d += 16) acc = _mm512_fmadd_ps(load16(drow + d), load16(orow + d), acc);
         delta[i] = _mm512_reduce_add_ps(acc);
       }
-      dQT.assign((size_t)D * nq, 0.f);  // dQ^T of the group (D x nq)
+      const int nqs = padded(nq);
+      dQT.assign((size_t)D * nqs, 0.f);  // dQ^T of the group (D x nq, rows nqs apart)
       for (auto& r : g.ranges)
         for (int k0 = r.first; k0 < r.second; k0 += KT_BWD) {
           int nk = std::min(KT_BWD, r.second - k0);
@@ -368,14 +426,14 @@ void backward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, T
           std::fill(dVacc.begin(), dVacc.begin() + (size_t)nk * D, 0.f);
           for (int r0 = 0; r0 < nq; r0 += QT_BWD) {
             int nr = std::min(QT_BWD, nq - r0), qa = g.q0 + r0;
-            gemm<T>(nk, nr, D, row_ptr<T>(k, b, h, k0), k.sl, Qt.data() + (size_t)qa * KS, L, ST.data(), nr, false);
-            gemm<T>(nk, nr, D, row_ptr<T>(v, b, h, k0), v.sl, dOt.data() + (size_t)qa * KS, L, dPT.data(), nr, false);
+            gemm<T>(nk, nr, D, row_ptr<T>(k, b, h, k0), k.sl, Qt + (size_t)qa * KS, Lt, ST.data(), nr, false);
+            gemm<T>(nk, nr, D, row_ptr<T>(v, b, h, k0), v.sl, dOt + (size_t)qa * KS, Lt, dPT.data(), nr, false);
             const __m512 sc = _mm512_set1_ps(scale);
             for (int c = 0; c < nk; c++)
               for (int i = 0; i < nr; i += 16) {
-                __m512 p = exp16(_mm512_fmsub_ps(_mm512_loadu_ps(&ST[(size_t)c * nr + i]), sc, _mm512_loadu_ps(lse + base + qa + i)));
-                __m512 ds = _mm512_mul_ps(_mm512_mul_ps(p, _mm512_sub_ps(_mm512_loadu_ps(&dPT[(size_t)c * nr + i]),
-                                                                         _mm512_loadu_ps(&delta[r0 + i]))), sc);
+                __m512 s = _mm512_loadu_ps(&ST[(size_t)c * nr + i]), dp = _mm512_loadu_ps(&dPT[(size_t)c * nr + i]);
+                __m512 p = exp16<EXP_DEG<T>>(_mm512_fmsub_ps(s, sc, _mm512_loadu_ps(lse + base + qa + i)));
+                __m512 ds = _mm512_mul_ps(_mm512_mul_ps(p, _mm512_sub_ps(dp, _mm512_loadu_ps(&delta[r0 + i]))), sc);
                 store16(&PT[(size_t)c * nr + i], p);
                 store16(&dST[(size_t)c * nr + i], ds);
               }
@@ -391,9 +449,9 @@ void backward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, T
                 }
             }
             const T* dsb = KStep<T>::v == 2 ? dSp.data() : dST.data();
-            gemm<T>(nk, D, nr, PT.data(), nr, dOp.data() + (size_t)qa * D, D, dVacc.data(), D, true);  // dV += P^T dO
-            gemm<T>(nk, D, nr, dST.data(), nr, Qp.data() + (size_t)qa * D, D, dKacc.data(), D, true);  // dK += dS^T Q
-            gemm<T>(D, nr, nk, KT.data() + k0, L, dsb, nr, dQT.data() + r0, nq, true);                 // dQ^T += K^T dS^T
+            gemm<T>(nk, D, nr, PT.data(), nr, dOp + (size_t)qa * D, D, dVacc.data(), D, true);  // dV += P^T dO
+            gemm<T>(nk, D, nr, dST.data(), nr, Qp + (size_t)qa * D, D, dKacc.data(), D, true);  // dK += dS^T Q
+            gemm<T>(D, nr, nk, KT + k0, Lt, dsb, nr, dQT.data() + r0, nqs, true);                 // dQ^T += K^T dS^T
           }
           for (int c = 0; c < nk; c++) {
             float* dkr = dk + (base + k0 + c) * D;
@@ -406,7 +464,7 @@ void backward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, T
         }
       for (int i = 0; i < nq; i++) {
         float* dqr = dq + (base + g.q0 + i) * D;
-        for (int d = 0; d < D; d++) dqr[d] += dQT[(size_t)d * nq + i];
+        for (int d = 0; d < D; d++) dqr[d] += dQT[(size_t)d * nqs + i];
       }
     }
   });
@@ -417,15 +475,15 @@ Tensor4 t4(const void* p, const int64_t* s) { return Tensor4{static_cast<const c
 }  // namespace
 
 // dtype: 0 fp32, 1 bf16. Strides (3 per tensor: batch, head, position) in elements. groups: per group
-// q0, q1, number of ranges, then (start, end) per range. Returns 0, or -1 for a bad argument.
+// q0, q1, number of ranges, then (start, end) per range. Returns what `check` returns.
 extern "C" int block_attention_forward(int dtype, int B, int H, int L, int D, const void* q, const int64_t* qs,
                                        const void* k, const int64_t* ks, const void* v, const int64_t* vs, void* o,
                                        const int64_t* os, float* lse, const int32_t* groups, int ngroups, float scale,
                                        int nthreads) {
-  if (D % 32 != 0 || dtype < 0 || dtype > 1) return -1;
-  auto gs = parse_groups(groups, ngroups);
-  for (auto& g : gs)
-    if (!aligned(g)) return -2;
+  auto gs = parse_groups(groups, ngroups, L);
+  if (int rc = check(dtype, D, L, gs, ngroups, {qs, ks, vs, os})) return rc;
+  std::lock_guard<std::mutex> hold(call_lock);
+  nthreads = std::max(1, std::min(nthreads, MAX_THREADS));
   if (dtype == 0)
     forward<float>(B, H, D, t4(q, qs), t4(k, ks), t4(v, vs), t4(o, os), lse, L, gs, scale, nthreads);
   else
@@ -438,10 +496,10 @@ extern "C" int block_attention_backward(int dtype, int B, int H, int L, int D, c
                                         const void* o, const int64_t* os, const void* dout, const int64_t* dos,
                                         const float* lse, float* dq, float* dk, float* dv, const int32_t* groups,
                                         int ngroups, float scale, int nthreads) {
-  if (D % 32 != 0 || dtype < 0 || dtype > 1) return -1;
-  auto gs = parse_groups(groups, ngroups);
-  for (auto& g : gs)
-    if (!aligned(g)) return -2;
+  auto gs = parse_groups(groups, ngroups, L);
+  if (int rc = check(dtype, D, L, gs, ngroups, {qs, ks, vs, os, dos})) return rc;
+  std::lock_guard<std::mutex> hold(call_lock);
+  nthreads = std::max(1, std::min(nthreads, MAX_THREADS));
   if (dtype == 0)
     backward<float>(B, H, D, t4(q, qs), t4(k, ks), t4(v, vs), t4(o, os), t4(dout, dos), lse, dq, dk, dv, L, gs, scale,
                     nthreads);
