@@ -382,10 +382,12 @@ class _BlockSDPA(torch.autograd.Function):
         bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
         dtype = dout.dtype
         q, k, v, out, lse_fused = ctx.saved_tensors
-        dq, dk, dv = (torch.zeros(t.shape, dtype=torch.float32) for t in (q, k, v))  # fp32 accumulators
-        if ctx.fused:
-            dout = dout if dout.stride(-1) == 1 else dout.contiguous()
-            block_kernel.backward(q, k, v, out, dout, lse_fused, dq, dk, dv, ctx.fused)
+        if ctx.fused and not ctx.groups:  # the kernel alone: gradients straight in the inputs' dtype
+            return (*block_kernel.backward(q, k, v, out, dout, lse_fused, ctx.fused, dtype), None)
+        if ctx.fused:  # fp32 accumulators, started by the kernel
+            dq, dk, dv = block_kernel.backward(q, k, v, out, dout, lse_fused, ctx.fused, torch.float32)
+        else:
+            dq, dk, dv = (torch.zeros(t.shape, dtype=torch.float32) for t in (q, k, v))  # fp32 accumulators
         low = q.dtype != torch.float32
         small = [low and g.q1 - g.q0 < LOW_BWD_MIN_QUERIES for g in ctx.groups]
         f32 = tuple(t.float() for t in (dout, q, k, v, out)) if any(small) else None

@@ -63,7 +63,7 @@ def _build() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(out))
     p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     lib.block_attention_forward.argtypes = [i, i, i, i, i, p, p, p, p, p, p, p, p, p, p, i, f, i]
-    lib.block_attention_backward.argtypes = [i, i, i, i, i, p, p, p, p, p, p, p, p, p, p, p, p, p, p, p, i, f, i]
+    lib.block_attention_backward.argtypes = [i, i, i, i, i, p, p, p, p, p, p, p, p, p, p, p, p, p, p, i, p, i, f, i]
     lib.block_attention_forward.restype = lib.block_attention_backward.restype = i
     return lib
 
@@ -154,18 +154,21 @@ def forward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, groups) -> Tensor:
     return lse
 
 
-def backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: Tensor,
-             dq: Tensor, dk: Tensor, dv: Tensor, groups) -> None:
-    """Adds the gradients of the groups' attention into dq, dk, dv (fp32, contiguous (B, H, L, D))."""
+def backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: Tensor, groups,
+             grad_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """dq, dk, dv (contiguous (B, H, L, D), in grad_dtype: fp32 or the inputs' dtype) of the groups'
+    attention; zero where no group reaches."""
     B, H, L, D = q.shape
     q, k, v, out, dout = (readable(t) for t in (q, k, v, out, dout))
-    for t in (dq, dk, dv):
-        assert t.dtype == torch.float32 and t.is_contiguous() and t.shape == q.shape
+    if grad_dtype not in (torch.float32, q.dtype):
+        raise ValueError(f"block kernel: gradients in fp32 or {q.dtype}, not {grad_dtype}")
+    dq, dk, dv = (torch.empty(B, H, L, D, dtype=grad_dtype) for _ in range(3))
     rc = library().block_attention_backward(
         DTYPES[q.dtype], B, H, L, D, _ptr(q), _strides(q), _ptr(k), _strides(k), _ptr(v), _strides(v),
         _ptr(out), _strides(out), _ptr(dout), _strides(dout), _ptr(lse), _ptr(dq), _ptr(dk), _ptr(dv),
-        encode(groups), len(groups), 1.0 / math.sqrt(D), torch.get_num_threads())
+        DTYPES[grad_dtype], encode(groups), len(groups), 1.0 / math.sqrt(D), torch.get_num_threads())
     _raise_on(rc, q, groups)
+    return dq, dk, dv
 
 
 def _raise_on(rc: int, q: Tensor, groups) -> None:

@@ -11,7 +11,8 @@
 // rounded to the operands' dtype for their products, as GPU flash attention does.
 //
 // Called through ctypes (plain C ABI, raw pointers); tensors are (B, H, L, D) with any strides along
-// B, H, L and the last axis contiguous; lse is (B, H, L) fp32 contiguous; dq/dk/dv are fp32 contiguous.
+// B, H, L and the last axis contiguous; lse is (B, H, L) fp32 contiguous; the backward writes dq/dk/dv
+// whole (zero where no group reaches), contiguous, in fp32 or in the inputs' dtype.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -64,11 +65,11 @@ template <> struct KStep<float> { static constexpr int v = 1; };
 template <> struct KStep<bf16> { static constexpr int v = 2; };
 template <typename T> constexpr int EXP_DEG = KStep<T>::v == 2 ? 5 : 6;
 
-template <typename T, int MR, int NV>
-void micro(int K, const T* A, int lda, const T* Bp, int ldb, float* C, int ldc, bool acc_in) {
+template <typename T, int MR, int NV, bool ACC>
+void micro(int K, const T* A, int lda, const T* Bp, int ldb, float* C, int ldc) {
   __m512 acc[MR][NV];
   for (int i = 0; i < MR; i++)
-    for (int j = 0; j < NV; j++) acc[i][j] = acc_in ? _mm512_loadu_ps(C + i * ldc + 16 * j) : _mm512_setzero_ps();
+    for (int j = 0; j < NV; j++) acc[i][j] = ACC ? _mm512_loadu_ps(C + i * ldc + 16 * j) : _mm512_setzero_ps();
   if constexpr (KStep<T>::v == 1) {
     for (int k = 0; k < K; k++) {
       __m512 b[NV];
@@ -96,11 +97,11 @@ void micro(int K, const T* A, int lda, const T* Bp, int ldb, float* C, int ldc, 
 }
 
 template <typename T>
-using MicroFn = void (*)(int, const T*, int, const T*, int, float*, int, bool);
+using MicroFn = void (*)(int, const T*, int, const T*, int, float*, int);
 
-template <typename T, int NV, int... MRs>
+template <typename T, int NV, bool ACC, int... MRs>
 constexpr auto micro_row(std::integer_sequence<int, MRs...>) {
-  return std::array<MicroFn<T>, sizeof...(MRs)>{&micro<T, MRs + 1, NV>...};
+  return std::array<MicroFn<T>, sizeof...(MRs)>{&micro<T, MRs + 1, NV, ACC>...};
 }
 
 constexpr int MAX_MR = 8;
@@ -109,18 +110,19 @@ inline int mr_for(int nv) { return nv == 4 ? 6 : 8; }  // accumulators + B vecto
 // Column panels of 4 vectors (6 rows per micro-kernel call), then 3, 2 or 1 (8 rows).
 template <typename T>
 void gemm(int M, int N, int K, const T* A, int lda, const T* Bp, int ldb, float* C, int ldc, bool accumulate) {
-  static const std::array<MicroFn<T>, MAX_MR> table[4] = {
-      micro_row<T, 1>(std::make_integer_sequence<int, MAX_MR>{}),
-      micro_row<T, 2>(std::make_integer_sequence<int, MAX_MR>{}),
-      micro_row<T, 3>(std::make_integer_sequence<int, MAX_MR>{}),
-      micro_row<T, 4>(std::make_integer_sequence<int, MAX_MR>{})};
+  using Seq = std::make_integer_sequence<int, MAX_MR>;
+  static const std::array<MicroFn<T>, MAX_MR> table[2][4] = {
+      {micro_row<T, 1, false>(Seq{}), micro_row<T, 2, false>(Seq{}), micro_row<T, 3, false>(Seq{}),
+       micro_row<T, 4, false>(Seq{})},
+      {micro_row<T, 1, true>(Seq{}), micro_row<T, 2, true>(Seq{}), micro_row<T, 3, true>(Seq{}),
+       micro_row<T, 4, true>(Seq{})}};
   for (int n0 = 0, nv; n0 < N; n0 += 16 * nv) {
     nv = std::min(4, (N - n0) / 16);
     int MR = mr_for(nv);
     const T* B = Bp + (size_t)n0 * KStep<T>::v;
     for (int m0 = 0; m0 < M; m0 += MR) {
       int mr = std::min(MR, M - m0);
-      table[nv - 1][mr - 1](K, A + (size_t)m0 * lda, lda, B, ldb, C + (size_t)m0 * ldc + n0, ldc, accumulate);
+      table[accumulate][nv - 1][mr - 1](K, A + (size_t)m0 * lda, lda, B, ldb, C + (size_t)m0 * ldc + n0, ldc);
     }
   }
 }
@@ -245,7 +247,7 @@ std::vector<Group> parse_groups(const int32_t* g, int ngroups, int L) {
 // 0, or -1 (a bad size, group or stride: bf16 rows must lie an even number of elements apart), or
 // -2 (a group outside the packed layouts' alignment).
 int check(int dtype, int D, int L, const std::vector<Group>& gs, int ngroups, std::initializer_list<const int64_t*> strides) {
-  if (D % 32 != 0 || dtype < 0 || dtype > 1 || (int)gs.size() != ngroups || L < 1) return -1;
+  if (D % 32 != 0 || D > 1024 || dtype < 0 || dtype > 1 || (int)gs.size() != ngroups || L < 1) return -1;
   for (auto s : strides)
     if (dtype == 1 && (s[0] % 2 || s[1] % 2 || s[2] % 2)) return -1;
   for (auto& g : gs)
@@ -286,7 +288,8 @@ struct Scratch {
 constexpr int MAX_THREADS = 256;
 struct Workspace {  // one per worker
   Scratch<uint16_t> h[5];
-  Scratch<float> f[5];
+  Scratch<float> f[5], grad[2];
+  std::vector<uint8_t> touched;
   template <typename T>
   T* get(int i, size_t n) {
     if constexpr (sizeof(T) == 2) return reinterpret_cast<T*>(h[i].get(n));
@@ -386,12 +389,15 @@ void forward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, fl
 // P^T and dS^T come out in the row-major layout the products dV += P^T dO and dK += dS^T Q read, and
 // dQ^T += K^T dS^T takes dS^T re-paired along keys.
 
-constexpr int QT_BWD = 64, KT_BWD = 64;
+constexpr int QT_BWD = 64, KT_BWD = 48;
 
-template <typename T>
+template <typename T, typename G>
 void backward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, Tensor4 dout, const float* lse,
-              float* dq, float* dk, float* dv, int L, const std::vector<Group>& groups, float scale, int nthreads) {
+              G* dq, G* dk, G* dv, int L, const std::vector<Group>& groups, float scale, int nthreads) {
   const int KS = KStep<T>::v, Le = round_up(L, 2);
+  std::vector<uint8_t> is_query(L, 0);
+  for (auto& g : groups) std::fill(is_query.begin() + g.q0, is_query.begin() + g.q1, 1);
+  const __m512 zero = _mm512_setzero_ps();
   // one task per (batch, head): its groups add into the same dk/dv rows
   parallel_for(B * H, nthreads, [&](int bh, int worker) {
     int b = bh / H, h = bh % H;
@@ -408,6 +414,11 @@ void backward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, T
     std::vector<T> PT((size_t)KT_BWD * QT_BWD), dST((size_t)KT_BWD * QT_BWD), dSp((size_t)KT_BWD * QT_BWD);
     std::vector<float> ST((size_t)KT_BWD * QT_BWD), dPT((size_t)KT_BWD * QT_BWD), dKacc((size_t)KT_BWD * D),
         dVacc((size_t)KT_BWD * D), dQT, delta;
+    float *dKf = ws.grad[0].get((size_t)L * D), *dVf = ws.grad[1].get((size_t)L * D);  // fp32 sums over groups
+    ws.touched.assign(L, 0);
+    for (int l = 0; l < L; l++)
+      if (!is_query[l])
+        for (int d = 0; d < D; d += 16) store16(dq + (base + l) * D + d, zero);
     for (const Group& g : groups) {
       int nq = g.q1 - g.q0;
       delta.resize(nq);
@@ -453,20 +464,28 @@ void backward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, T
             gemm<T>(nk, D, nr, dST.data(), nr, Qp + (size_t)qa * D, D, dKacc.data(), D, true);  // dK += dS^T Q
             gemm<T>(D, nr, nk, KT + k0, Lt, dsb, nr, dQT.data() + r0, nqs, true);                 // dQ^T += K^T dS^T
           }
-          for (int c = 0; c < nk; c++) {
-            float* dkr = dk + (base + k0 + c) * D;
-            float* dvr = dv + (base + k0 + c) * D;
+          for (int c = 0; c < nk; c++) {  // into the fp32 sums: the first group to reach a key stores
+            float *dkr = dKf + (size_t)(k0 + c) * D, *dvr = dVf + (size_t)(k0 + c) * D;
+            const bool first = !ws.touched[k0 + c];
+            ws.touched[k0 + c] = 1;
             for (int d = 0; d < D; d += 16) {
-              _mm512_storeu_ps(dkr + d, _mm512_add_ps(_mm512_loadu_ps(dkr + d), _mm512_loadu_ps(&dKacc[(size_t)c * D + d])));
-              _mm512_storeu_ps(dvr + d, _mm512_add_ps(_mm512_loadu_ps(dvr + d), _mm512_loadu_ps(&dVacc[(size_t)c * D + d])));
+              __m512 gk = _mm512_loadu_ps(&dKacc[(size_t)c * D + d]), gv = _mm512_loadu_ps(&dVacc[(size_t)c * D + d]);
+              _mm512_storeu_ps(dkr + d, first ? gk : _mm512_add_ps(_mm512_loadu_ps(dkr + d), gk));
+              _mm512_storeu_ps(dvr + d, first ? gv : _mm512_add_ps(_mm512_loadu_ps(dvr + d), gv));
             }
           }
         }
-      for (int i = 0; i < nq; i++) {
-        float* dqr = dq + (base + g.q0 + i) * D;
-        for (int d = 0; d < D; d++) dqr[d] += dQT[(size_t)d * nqs + i];
+      alignas(64) float row[1024];
+      for (int i = 0; i < nq; i++) {  // dQ^T -> dq rows (every query is in one group)
+        for (int d = 0; d < D; d++) row[d] = dQT[(size_t)d * nqs + i];
+        for (int d = 0; d < D; d += 16) store16(dq + (base + g.q0 + i) * D + d, _mm512_load_ps(row + d));
       }
     }
+    for (int l = 0; l < L; l++)
+      for (int d = 0; d < D; d += 16) {
+        store16(dk + (base + l) * D + d, ws.touched[l] ? _mm512_loadu_ps(dKf + (size_t)l * D + d) : zero);
+        store16(dv + (base + l) * D + d, ws.touched[l] ? _mm512_loadu_ps(dVf + (size_t)l * D + d) : zero);
+      }
   });
 }
 
@@ -494,17 +513,24 @@ extern "C" int block_attention_forward(int dtype, int B, int H, int L, int D, co
 extern "C" int block_attention_backward(int dtype, int B, int H, int L, int D, const void* q, const int64_t* qs,
                                         const void* k, const int64_t* ks, const void* v, const int64_t* vs,
                                         const void* o, const int64_t* os, const void* dout, const int64_t* dos,
-                                        const float* lse, float* dq, float* dk, float* dv, const int32_t* groups,
-                                        int ngroups, float scale, int nthreads) {
+                                        const float* lse, void* dq, void* dk, void* dv, int grad_dtype,
+                                        const int32_t* groups, int ngroups, float scale, int nthreads) {
   auto gs = parse_groups(groups, ngroups, L);
   if (int rc = check(dtype, D, L, gs, ngroups, {qs, ks, vs, os, dos})) return rc;
+  if (grad_dtype != 0 && grad_dtype != dtype) return -1;
   std::lock_guard<std::mutex> hold(call_lock);
   nthreads = std::max(1, std::min(nthreads, MAX_THREADS));
+  auto run = [&](auto t, auto g) {
+    using T = decltype(t);
+    using G = decltype(g);
+    backward<T, G>(B, H, D, t4(q, qs), t4(k, ks), t4(v, vs), t4(o, os), t4(dout, dos), lse, static_cast<G*>(dq),
+                   static_cast<G*>(dk), static_cast<G*>(dv), L, gs, scale, nthreads);
+  };
   if (dtype == 0)
-    backward<float>(B, H, D, t4(q, qs), t4(k, ks), t4(v, vs), t4(o, os), t4(dout, dos), lse, dq, dk, dv, L, gs, scale,
-                    nthreads);
+    run(float(), float());
+  else if (grad_dtype == 0)
+    run(bf16(), float());
   else
-    backward<bf16>(B, H, D, t4(q, qs), t4(k, ks), t4(v, vs), t4(o, os), t4(dout, dos), lse, dq, dk, dv, L, gs, scale,
-                   nthreads);
+    run(bf16(), bf16());
   return 0;
 }
