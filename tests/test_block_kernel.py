@@ -127,3 +127,44 @@ def test_model_training_step_uses_the_kernel_and_matches_aten(monkeypatch):
     torch.testing.assert_close(loss, loss_a, atol=1e-5, rtol=1e-5)
     for a, b in zip(gs, gs_a):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("guided", [False, True])
+def test_cached_passes_through_the_kernel_equal_the_full_forward(guided, monkeypatch):
+    """Cached sampling with blocks the kernel takes (16 tokens, head dim 32): the own-pass groups and
+    the committed cache go through the kernel, and every cached pass equals one full forward of the
+    sequence so far (test_sampling's oracle)."""
+    from test_sampling import SPEC, FullForwardOracle
+    from unimodal.config import ModelConfig
+    from unimodal.model import ACDiT
+    from unimodal.sampling import SequenceSampler
+    calls = {"n": 0, "longer_keys": 0, "inside": False}
+    real, split = block_kernel.forward, attention._cached_split_attention
+
+    def counted(q, k, v, out, groups):  # kernel calls made by cached passes (not by the oracle's forwards)
+        if calls["inside"]:
+            calls["n"] += 1
+            calls["longer_keys"] += k.shape[2] > q.shape[2]
+        return real(q, k, v, out, groups)
+
+    def cached_pass(*a):
+        calls["inside"] = True
+        try:
+            return split(*a)
+        finally:
+            calls["inside"] = False
+    monkeypatch.setattr(block_kernel, "forward", counted)
+    monkeypatch.setattr(attention, "_cached_split_attention", cached_pass)
+    torch.manual_seed(0)
+    cfg = ModelConfig(depth=2, hidden_size=64, num_heads=2, latent_channels=2, num_classes=10, attn_backend="block")
+    model = ACDiT(cfg).eval()
+    oracle = FullForwardOracle()
+    s = SequenceSampler(model, SPEC, 2, labels=torch.tensor([3, 7]) if guided else None,
+                        cfg_scale=2.0 if guided else 1.0, steps=2, generator=torch.Generator().manual_seed(1),
+                        on_pass=oracle)
+    s.image(2, 8, 8, block=16)  # 4 blocks of 16 tokens
+    assert oracle.passes == s.passes == 8
+    assert oracle.max_eps < 1e-5, oracle.max_eps
+    # per layer: one call per pass for its own keys, one more per pass that has a committed cache
+    # (5 of 8: the first block's two and the first step of the second commit only now)
+    assert calls["n"] == (8 + 5) * cfg.depth and calls["longer_keys"] > 0, calls

@@ -182,8 +182,17 @@ def _split_plan(q: Layout, kv: Layout):
 
 
 def _cpu_kernels():
+    """ATen's fused CPU kernel per own-pass group; the committed cache through the own kernel where it
+    takes the shapes (query count and cache length multiples of 16), else through ATen's."""
     fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    return (lambda q, k, v: fwd(q, k, v)[:2]), (lambda q, ck, cv, n: fwd(q, ck[:, :, :n], cv[:, :, :n])[:2])
+
+    def cached(q, ck, cv, n):
+        group = masks.QueryGroup(0, q.shape[2], ((0, n),), None)
+        if block_kernel.supports(q) and block_kernel.takes(group):
+            o = q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3]).transpose(1, 2)  # (B, H, Lq, D)
+            return o, block_kernel.forward(q, ck[:, :, :n], cv[:, :, :n], o, [group])  # lse (B, H, Lq)
+        return fwd(q, ck[:, :, :n], cv[:, :, :n])[:2]
+    return (lambda q, k, v: fwd(q, k, v)[:2]), cached
 
 
 def _flash_kernels():
@@ -207,8 +216,9 @@ def _cached_split_attention(q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext, l
     """A cached pass without concatenating or repeating the cache: every query sees the whole
     committed cache (one unmasked call; the S guidance streams' queries are stacked along the
     query axis against the cache's B rows), and its own pass's keys by query group; the two
-    partial softmaxes are merged by their log-sum-exp. Kernels: the CPU flash kernel, or
-    flash-attn's (backend "flash")."""
+    partial softmaxes are merged by their log-sum-exp. Kernels: on CPU the own kernel (all own-pass
+    groups in one call) where it takes them, else ATen's fused kernel per group; flash-attn's for
+    backend "flash"."""
     own, cached = _flash_kernels() if ctx.backend == "flash" else _cpu_kernels()
     cache = ctx.cache
     L0, groups = ctx.split_plan()
@@ -216,11 +226,15 @@ def _cached_split_attention(q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext, l
     B = cache.batch
     S = SB // B
     cache.commit(layer, k, v, ctx.n_commit)
-    o_new = q.new_empty(SB, H, Lq, D)  # (S*B, H, Lq, D)
-    lse_new = q.new_empty(SB, H, Lq, dtype=torch.float32)  # (S*B, H, Lq)
-    for g in groups:
-        o, lse = own(q[:, :, g.q0:g.q1], _gather(k, g.k_ranges), _gather(v, g.k_ranges))
-        o_new[:, :, g.q0:g.q1], lse_new[:, :, g.q0:g.q1] = o, lse
+    if ctx.backend != "flash" and block_kernel.supports(q) and all(block_kernel.takes(g) for g in groups):
+        o_new = q.new_empty(SB, Lq, H, D).transpose(1, 2)  # (S*B, H, Lq, D)
+        lse_new = block_kernel.forward(q, k, v, o_new, groups)  # (S*B, H, Lq)
+    else:
+        o_new = q.new_empty(SB, H, Lq, D)  # (S*B, H, Lq, D)
+        lse_new = q.new_empty(SB, H, Lq, dtype=torch.float32)  # (S*B, H, Lq)
+        for g in groups:
+            o, lse = own(q[:, :, g.q0:g.q1], _gather(k, g.k_ranges), _gather(v, g.k_ranges))
+            o_new[:, :, g.q0:g.q1], lse_new[:, :, g.q0:g.q1] = o, lse
     if L0 == 0:
         return o_new
     ck, cv = cache.committed(layer, cache.max_len)  # (B, H, max_len, D) each, the first L0 committed

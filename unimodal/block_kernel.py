@@ -62,7 +62,7 @@ def _build() -> ctypes.CDLL:
                 os.unlink(tmp)
     lib = ctypes.CDLL(str(out))
     p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-    lib.block_attention_forward.argtypes = [i, i, i, i, i, p, p, p, p, p, p, p, p, p, p, i, f, i]
+    lib.block_attention_forward.argtypes = [i, i, i, i, i, i, p, p, p, p, p, p, p, p, p, p, i, f, i]
     lib.block_attention_backward.argtypes = [i, i, i, i, i, p, p, p, p, p, p, p, p, p, p, p, p, p, p, i, p, i, f, i]
     lib.block_attention_forward.restype = lib.block_attention_backward.restype = i
     return lib
@@ -142,13 +142,16 @@ def _ptr(t: Tensor) -> ctypes.c_void_p:
 
 def forward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, groups) -> Tensor:
     """Writes softmax(q k^T / sqrt(D)) v of every group's queries into out (B, H, L, D); returns the
-    log-sum-exp (B, H, L) fp32 (rows of other queries left unset)."""
+    log-sum-exp (B, H, L) fp32 (rows of other queries left unset). k, v: (B, H, Lk, D), Lk may differ
+    from L (a cached pass: the queries against the committed cache)."""
     B, H, L, D = q.shape
+    Lk = k.shape[2]
+    assert k.shape == v.shape == (B, H, Lk, D), (q.shape, k.shape, v.shape)
     q, k, v = readable(q), readable(k), readable(v)
     assert out.stride(-1) == 1 and out.dtype == q.dtype, "out: written in place, last axis contiguous"
     lse = torch.empty(B, H, L, dtype=torch.float32)
     rc = library().block_attention_forward(
-        DTYPES[q.dtype], B, H, L, D, _ptr(q), _strides(q), _ptr(k), _strides(k), _ptr(v), _strides(v),
+        DTYPES[q.dtype], B, H, L, Lk, D, _ptr(q), _strides(q), _ptr(k), _strides(k), _ptr(v), _strides(v),
         _ptr(out), _strides(out), _ptr(lse), encode(groups), len(groups), 1.0 / math.sqrt(D), torch.get_num_threads())
     _raise_on(rc, q, groups)
     return lse

@@ -11,7 +11,8 @@
 // rounded to the operands' dtype for their products, as GPU flash attention does.
 //
 // Called through ctypes (plain C ABI, raw pointers); tensors are (B, H, L, D) with any strides along
-// B, H, L and the last axis contiguous; lse is (B, H, L) fp32 contiguous; the backward writes dq/dk/dv
+// B, H, L and the last axis contiguous (the forward's keys and values may be longer or shorter than its
+// queries: (B, H, Lk, D)); lse is (B, H, L) fp32 contiguous; the backward writes dq/dk/dv
 // whole (zero where no group reaches), contiguous, in fp32 or in the inputs' dtype.
 #include <immintrin.h>
 
@@ -228,8 +229,8 @@ bool aligned(const Group& g) {  // what the packed layouts need: 16-multiples, e
   return true;
 }
 
-// The groups, or an empty list if one reaches outside [0, L) or is empty.
-std::vector<Group> parse_groups(const int32_t* g, int ngroups, int L) {
+// The groups, or an empty list if one reaches outside [0, L) (queries) or [0, Lk) (keys) or is empty.
+std::vector<Group> parse_groups(const int32_t* g, int ngroups, int L, int Lk) {
   std::vector<Group> out(ngroups);
   for (int i = 0; i < ngroups; i++) {
     out[i].q0 = *g++;
@@ -237,7 +238,7 @@ std::vector<Group> parse_groups(const int32_t* g, int ngroups, int L) {
     int nr = *g++;
     if (out[i].q0 < 0 || out[i].q1 > L || out[i].q0 >= out[i].q1 || nr < 1) return {};
     for (int r = 0; r < nr; r++, g += 2) {
-      if (g[0] < 0 || g[1] > L || g[0] >= g[1]) return {};
+      if (g[0] < 0 || g[1] > Lk || g[0] >= g[1]) return {};
       out[i].ranges.push_back({g[0], g[1]});
     }
   }
@@ -320,15 +321,15 @@ const T* rows_of(const Tensor4& t, int b, int h) { return reinterpret_cast<const
 constexpr int QT_FWD = 16;
 
 template <typename T>
-void forward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, float* lse, int L,
+void forward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, float* lse, int L, int Lk,
              const std::vector<Group>& groups, float scale, int nthreads) {
-  const int G = groups.size(), KS = KStep<T>::v, Le = round_up(L, 2);
-  const int Lt = padded(L);
+  const int G = groups.size(), KS = KStep<T>::v, Le = round_up(Lk, 2);
+  const int Lt = padded(Lk);
   T* Kt = shared_scratch<T>(0, (size_t)B * H * D * Lt);
   T* Vp = shared_scratch<T>(1, (size_t)B * H * Le * D);
   parallel_for(B * H, nthreads, [&](int bh, int) {
-    pack_transposed<T>(rows_of<T>(k, bh / H, bh % H), k.sl, L, D, &Kt[(size_t)bh * D * Lt], Lt);  // B of Q K^T: (D x L)
-    pack_rows<T>(rows_of<T>(v, bh / H, bh % H), v.sl, L, D, &Vp[(size_t)bh * Le * D]);       // B of P V: (L x D)
+    pack_transposed<T>(rows_of<T>(k, bh / H, bh % H), k.sl, Lk, D, &Kt[(size_t)bh * D * Lt], Lt);  // B of Q K^T: (D x Lk)
+    pack_rows<T>(rows_of<T>(v, bh / H, bh % H), v.sl, Lk, D, &Vp[(size_t)bh * Le * D]);       // B of P V: (Lk x D)
   });
   std::vector<int> order(B * H * G);
   for (int i = 0; i < (int)order.size(); i++) order[i] = i;
@@ -495,18 +496,18 @@ Tensor4 t4(const void* p, const int64_t* s) { return Tensor4{static_cast<const c
 
 // dtype: 0 fp32, 1 bf16. Strides (3 per tensor: batch, head, position) in elements. groups: per group
 // q0, q1, number of ranges, then (start, end) per range. Returns what `check` returns.
-extern "C" int block_attention_forward(int dtype, int B, int H, int L, int D, const void* q, const int64_t* qs,
+extern "C" int block_attention_forward(int dtype, int B, int H, int L, int Lk, int D, const void* q, const int64_t* qs,
                                        const void* k, const int64_t* ks, const void* v, const int64_t* vs, void* o,
                                        const int64_t* os, float* lse, const int32_t* groups, int ngroups, float scale,
                                        int nthreads) {
-  auto gs = parse_groups(groups, ngroups, L);
-  if (int rc = check(dtype, D, L, gs, ngroups, {qs, ks, vs, os})) return rc;
+  auto gs = parse_groups(groups, ngroups, L, Lk);
+  if (int rc = check(dtype, D, std::min(L, Lk), gs, ngroups, {qs, ks, vs, os})) return rc;
   std::lock_guard<std::mutex> hold(call_lock);
   nthreads = std::max(1, std::min(nthreads, MAX_THREADS));
   if (dtype == 0)
-    forward<float>(B, H, D, t4(q, qs), t4(k, ks), t4(v, vs), t4(o, os), lse, L, gs, scale, nthreads);
+    forward<float>(B, H, D, t4(q, qs), t4(k, ks), t4(v, vs), t4(o, os), lse, L, Lk, gs, scale, nthreads);
   else
-    forward<bf16>(B, H, D, t4(q, qs), t4(k, ks), t4(v, vs), t4(o, os), lse, L, gs, scale, nthreads);
+    forward<bf16>(B, H, D, t4(q, qs), t4(k, ks), t4(v, vs), t4(o, os), lse, L, Lk, gs, scale, nthreads);
   return 0;
 }
 
@@ -515,7 +516,7 @@ extern "C" int block_attention_backward(int dtype, int B, int H, int L, int D, c
                                         const void* o, const int64_t* os, const void* dout, const int64_t* dos,
                                         const float* lse, void* dq, void* dk, void* dv, int grad_dtype,
                                         const int32_t* groups, int ngroups, float scale, int nthreads) {
-  auto gs = parse_groups(groups, ngroups, L);
+  auto gs = parse_groups(groups, ngroups, L, L);
   if (int rc = check(dtype, D, L, gs, ngroups, {qs, ks, vs, os, dos})) return rc;
   if (grad_dtype != 0 && grad_dtype != dtype) return -1;
   std::lock_guard<std::mutex> hold(call_lock);
