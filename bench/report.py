@@ -11,11 +11,12 @@ import os
 import platform
 import re
 import sys
+import time
 from pathlib import Path
 
-import time
-
 import torch
+
+from unimodal import block_kernel
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 _lines: list[str] = []
@@ -84,7 +85,8 @@ def interleaved(fn, reps: int, peak: Peak, warmup: int = 1, min_window: float = 
 
 
 ATTN_KERNELS = ("aten::_scaled_dot_product_flash_attention_for_cpu",
-                "aten::_scaled_dot_product_flash_attention_for_cpu_backward")
+                "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
+                block_kernel.FORWARD_EVENT, block_kernel.BACKWARD_EVENT)
 MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
 
 

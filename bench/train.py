@@ -40,6 +40,10 @@ from unimodal.model import ACDiT  # noqa: E402
 from unimodal.sequence import Image, PackSpec, Sample, pack  # noqa: E402
 
 
+def _rate(flops: float, seconds: float) -> str:
+    return f"{flops / seconds / 1e12:.3f} TFLOP/s" if seconds > 1e-6 else "(not seen by the profiler)"
+
+
 def step_flops(cfg: ModelConfig, packed) -> tuple[float, float]:
     """(all, attention) FLOPs of one training step."""
     d, depth = cfg.hidden_size, cfg.depth
@@ -125,7 +129,7 @@ def main() -> None:
         w = sp["wall"]
         out(f"  {r['name']:<26} dense matmuls {sp['matmul'] / w * 100:4.1f}% at "
             f"{(r['flops'] - r['attn_flops']) / max(sp['matmul'], 1e-9) / 1e12:.3f} TFLOP/s   attention kernels "
-            f"{sp['attention'] / w * 100:4.1f}% at {r['attn_flops'] / max(sp['attention'], 1e-9) / 1e12:.3f} TFLOP/s   "
+            f"{sp['attention'] / w * 100:4.1f}% at {_rate(r['attn_flops'], sp['attention'])}   "
             f"rest {sp['rest'] / w * 100:4.1f}%")
     peak_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out(f"peak resident memory {peak_mem:,.0f} MiB")

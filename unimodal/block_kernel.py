@@ -21,12 +21,14 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.profiler import record_function
 
 from .assets import cache_dir
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "block_attention.cpp"
-FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread"]
+FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp"]
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+FORWARD_EVENT, BACKWARD_EVENT = "unimodal::block_attention_forward", "unimodal::block_attention_backward"
 
 _lib: ctypes.CDLL | None = None
 _state = {"tried": False, "error": None}
@@ -150,9 +152,11 @@ def forward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, groups) -> Tensor:
     q, k, v = readable(q), readable(k), readable(v)
     assert out.stride(-1) == 1 and out.dtype == q.dtype, "out: written in place, last axis contiguous"
     lse = torch.empty(B, H, L, dtype=torch.float32)
-    rc = library().block_attention_forward(
-        DTYPES[q.dtype], B, H, L, Lk, D, _ptr(q), _strides(q), _ptr(k), _strides(k), _ptr(v), _strides(v),
-        _ptr(out), _strides(out), _ptr(lse), encode(groups), len(groups), 1.0 / math.sqrt(D), torch.get_num_threads())
+    with record_function(FORWARD_EVENT):
+        rc = library().block_attention_forward(
+            DTYPES[q.dtype], B, H, L, Lk, D, _ptr(q), _strides(q), _ptr(k), _strides(k), _ptr(v), _strides(v),
+            _ptr(out), _strides(out), _ptr(lse), encode(groups), len(groups), 1.0 / math.sqrt(D),
+            torch.get_num_threads())
     _raise_on(rc, q, groups)
     return lse
 
@@ -166,10 +170,11 @@ def backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: Te
     if grad_dtype not in (torch.float32, q.dtype):
         raise ValueError(f"block kernel: gradients in fp32 or {q.dtype}, not {grad_dtype}")
     dq, dk, dv = (torch.empty(B, H, L, D, dtype=grad_dtype) for _ in range(3))
-    rc = library().block_attention_backward(
-        DTYPES[q.dtype], B, H, L, D, _ptr(q), _strides(q), _ptr(k), _strides(k), _ptr(v), _strides(v),
-        _ptr(out), _strides(out), _ptr(dout), _strides(dout), _ptr(lse), _ptr(dq), _ptr(dk), _ptr(dv),
-        DTYPES[grad_dtype], encode(groups), len(groups), 1.0 / math.sqrt(D), torch.get_num_threads())
+    with record_function(BACKWARD_EVENT):
+        rc = library().block_attention_backward(
+            DTYPES[q.dtype], B, H, L, D, _ptr(q), _strides(q), _ptr(k), _strides(k), _ptr(v), _strides(v),
+            _ptr(out), _strides(out), _ptr(dout), _strides(dout), _ptr(lse), _ptr(dq), _ptr(dk), _ptr(dv),
+            DTYPES[grad_dtype], encode(groups), len(groups), 1.0 / math.sqrt(D), torch.get_num_threads())
     _raise_on(rc, q, groups)
     return dq, dk, dv
 

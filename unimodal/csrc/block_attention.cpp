@@ -15,6 +15,7 @@
 // queries: (B, H, Lk, D)); lse is (B, H, L) fp32 contiguous; the backward writes dq/dk/dv
 // whole (zero where no group reaches), contiguous, in fp32 or in the inputs' dtype.
 #include <immintrin.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <array>
@@ -25,7 +26,6 @@
 #include <initializer_list>
 #include <memory>
 #include <mutex>
-#include <thread>
 #include <utility>
 #include <vector>
 
@@ -256,17 +256,17 @@ int check(int dtype, int D, int L, const std::vector<Group>& gs, int ngroups, st
   return 0;
 }
 
-// f(task, worker) for task in [0, n) on up to nthreads workers (worker 0 is the caller).
+// f(task, worker) for task in [0, n) on up to nthreads workers, in an OpenMP parallel region: the
+// process's OpenMP runtime is the one PyTorch loaded (same soname), so the kernel runs on PyTorch's
+// own worker threads instead of competing with them while they spin after an ATen op.
 template <typename F>
 void parallel_for(int n, int nthreads, F&& f) {
   std::atomic<int> next{0};
-  auto work = [&](int worker) {
+#pragma omp parallel num_threads(std::max(1, std::min(nthreads, n)))
+  {
+    const int worker = omp_get_thread_num();
     for (int i; (i = next.fetch_add(1)) < n;) f(i, worker);
-  };
-  std::vector<std::thread> pool;
-  for (int t = 1; t < std::min(nthreads, n); t++) pool.emplace_back(work, t);
-  work(0);
-  for (auto& th : pool) th.join();
+  }
 }
 
 inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
