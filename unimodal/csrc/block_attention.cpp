@@ -290,7 +290,6 @@ constexpr int MAX_THREADS = 256;
 struct Workspace {  // one per worker
   Scratch<uint16_t> h[5];
   Scratch<float> f[5], grad[2];
-  std::vector<uint8_t> touched;
   template <typename T>
   T* get(int i, size_t n) {
     if constexpr (sizeof(T) == 2) return reinterpret_cast<T*>(h[i].get(n));
@@ -413,10 +412,10 @@ void backward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, T
     pack_rows<T>(rows_of<T>(dout, b, h), dout.sl, L, D, dOp);      // B of P^T dO: (L x D)
     plain_transposed<T>(rows_of<T>(k, b, h), k.sl, L, D, KT, Lt);      // A of K^T dS^T: (D x L)
     std::vector<T> PT((size_t)KT_BWD * QT_BWD), dST((size_t)KT_BWD * QT_BWD), dSp((size_t)KT_BWD * QT_BWD);
-    std::vector<float> ST((size_t)KT_BWD * QT_BWD), dPT((size_t)KT_BWD * QT_BWD), dKacc((size_t)KT_BWD * D),
-        dVacc((size_t)KT_BWD * D), dQT, delta;
+    std::vector<float> ST((size_t)KT_BWD * QT_BWD), dPT((size_t)KT_BWD * QT_BWD), dQT, delta;
     float *dKf = ws.grad[0].get((size_t)L * D), *dVf = ws.grad[1].get((size_t)L * D);  // fp32 sums over groups
-    ws.touched.assign(L, 0);
+    std::memset(dKf, 0, sizeof(float) * L * D);  // the products add straight into them
+    std::memset(dVf, 0, sizeof(float) * L * D);
     for (int l = 0; l < L; l++)
       if (!is_query[l])
         for (int d = 0; d < D; d += 16) store16(dq + (base + l) * D + d, zero);
@@ -434,46 +433,36 @@ void backward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, T
       for (auto& r : g.ranges)
         for (int k0 = r.first; k0 < r.second; k0 += KT_BWD) {
           int nk = std::min(KT_BWD, r.second - k0);
-          std::fill(dKacc.begin(), dKacc.begin() + (size_t)nk * D, 0.f);
-          std::fill(dVacc.begin(), dVacc.begin() + (size_t)nk * D, 0.f);
           for (int r0 = 0; r0 < nq; r0 += QT_BWD) {
             int nr = std::min(QT_BWD, nq - r0), qa = g.q0 + r0;
             gemm<T>(nk, nr, D, row_ptr<T>(k, b, h, k0), k.sl, Qt + (size_t)qa * KS, Lt, ST.data(), nr, false);
             gemm<T>(nk, nr, D, row_ptr<T>(v, b, h, k0), v.sl, dOt + (size_t)qa * KS, Lt, dPT.data(), nr, false);
             const __m512 sc = _mm512_set1_ps(scale);
-            for (int c = 0; c < nk; c++)
-              for (int i = 0; i < nr; i += 16) {
-                __m512 s = _mm512_loadu_ps(&ST[(size_t)c * nr + i]), dp = _mm512_loadu_ps(&dPT[(size_t)c * nr + i]);
-                __m512 p = exp16<EXP_DEG<T>>(_mm512_fmsub_ps(s, sc, _mm512_loadu_ps(lse + base + qa + i)));
-                __m512 ds = _mm512_mul_ps(_mm512_mul_ps(p, _mm512_sub_ps(dp, _mm512_loadu_ps(&delta[r0 + i]))), sc);
-                store16(&PT[(size_t)c * nr + i], p);
-                store16(&dST[(size_t)c * nr + i], ds);
-              }
-            if constexpr (KStep<T>::v == 2) {  // dS^T re-paired along keys: dSp[(c/2)][i][c&1]
-              const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+            // P^T, dS^T = P^T (dP^T - delta) scale, two key rows at a time; for bf16 also dS^T re-paired
+            // along keys for dQ^T += K^T dS^T: dSp[(c/2)][i][c&1] (nk is a multiple of 16)
+            const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
                                                    23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-              for (int c = 0; c < nk; c += 2)
-                for (int i = 0; i < nr; i += 16) {
-                  __m256i a = _mm256_loadu_si256((const __m256i*)&dST[(size_t)c * nr + i]);
-                  __m256i bb = _mm256_loadu_si256((const __m256i*)&dST[(size_t)(c + 1) * nr + i]);
-                  __m512i ab = _mm512_inserti64x4(_mm512_castsi256_si512(a), bb, 1);
-                  _mm512_storeu_si512(&dSp[((size_t)(c / 2) * nr + i) * 2], _mm512_permutexvar_epi16(idx, ab));
+            for (int c = 0; c < nk; c += 2)
+              for (int i = 0; i < nr; i += 16) {
+                const __m512 l = _mm512_loadu_ps(lse + base + qa + i), dl = _mm512_loadu_ps(&delta[r0 + i]);
+                __m512 ds[2];
+                for (int u = 0; u < 2; u++) {
+                  const size_t at = (size_t)(c + u) * nr + i;
+                  __m512 p = exp16<EXP_DEG<T>>(_mm512_fmsub_ps(_mm512_loadu_ps(&ST[at]), sc, l));
+                  ds[u] = _mm512_mul_ps(_mm512_mul_ps(p, _mm512_sub_ps(_mm512_loadu_ps(&dPT[at]), dl)), sc);
+                  store16(&PT[at], p);
+                  store16(&dST[at], ds[u]);
                 }
-            }
+                if constexpr (KStep<T>::v == 2) {
+                  __m512i ab = _mm512_inserti64x4(_mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(ds[0])),
+                                                  (__m256i)_mm512_cvtneps_pbh(ds[1]), 1);
+                  _mm512_storeu_si512(&dSp[((size_t)(c / 2) * nr + i) * 2], _mm512_permutexvar_epi16(pairs, ab));
+                }
+              }
             const T* dsb = KStep<T>::v == 2 ? dSp.data() : dST.data();
-            gemm<T>(nk, D, nr, PT.data(), nr, dOp + (size_t)qa * D, D, dVacc.data(), D, true);  // dV += P^T dO
-            gemm<T>(nk, D, nr, dST.data(), nr, Qp + (size_t)qa * D, D, dKacc.data(), D, true);  // dK += dS^T Q
+            gemm<T>(nk, D, nr, PT.data(), nr, dOp + (size_t)qa * D, D, dVf + (size_t)k0 * D, D, true);  // dV += P^T dO
+            gemm<T>(nk, D, nr, dST.data(), nr, Qp + (size_t)qa * D, D, dKf + (size_t)k0 * D, D, true);  // dK += dS^T Q
             gemm<T>(D, nr, nk, KT + k0, Lt, dsb, nr, dQT.data() + r0, nqs, true);                 // dQ^T += K^T dS^T
-          }
-          for (int c = 0; c < nk; c++) {  // into the fp32 sums: the first group to reach a key stores
-            float *dkr = dKf + (size_t)(k0 + c) * D, *dvr = dVf + (size_t)(k0 + c) * D;
-            const bool first = !ws.touched[k0 + c];
-            ws.touched[k0 + c] = 1;
-            for (int d = 0; d < D; d += 16) {
-              __m512 gk = _mm512_loadu_ps(&dKacc[(size_t)c * D + d]), gv = _mm512_loadu_ps(&dVacc[(size_t)c * D + d]);
-              _mm512_storeu_ps(dkr + d, first ? gk : _mm512_add_ps(_mm512_loadu_ps(dkr + d), gk));
-              _mm512_storeu_ps(dvr + d, first ? gv : _mm512_add_ps(_mm512_loadu_ps(dvr + d), gv));
-            }
           }
         }
       alignas(64) float row[1024];
@@ -484,8 +473,8 @@ void backward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, T
     }
     for (int l = 0; l < L; l++)
       for (int d = 0; d < D; d += 16) {
-        store16(dk + (base + l) * D + d, ws.touched[l] ? _mm512_loadu_ps(dKf + (size_t)l * D + d) : zero);
-        store16(dv + (base + l) * D + d, ws.touched[l] ? _mm512_loadu_ps(dVf + (size_t)l * D + d) : zero);
+        store16(dk + (base + l) * D + d, _mm512_loadu_ps(dKf + (size_t)l * D + d));
+        store16(dv + (base + l) * D + d, _mm512_loadu_ps(dVf + (size_t)l * D + d));
       }
   });
 }
