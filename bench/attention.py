@@ -5,7 +5,8 @@ measured time of each backend and its ratio to the ideal: the FLOPs of the allow
 entries only (forward 4 D, backward 8 D per entry) at the matmul throughput of the same stretch of
 time (every timed call follows a window of 2048^3 products in the same dtype as long as the call;
 this machine's throughput drifts); the ratio against the fastest single product of the section
-is printed too. Ends with one RESULT line (16 blocks, the longest L).
+is printed too. Ends with one RESULT line: the worst block-path ratio at the largest block count
+and L >= 2048 (or the longest L, if all are shorter) over the dtypes run.
 
     python bench/attention.py                   # fp32 and bf16, L in 512 2048 8192
     python bench/attention.py --lengths 512 2048 --dtypes fp32
@@ -54,9 +55,9 @@ def run(L: int, blocks: int, dtype: torch.dtype, batch: int, heads: int, head_di
         else:
             ctx.groups()
 
-        def step():
+        def step():  # gradients returned, not accumulated into leaves (in a model they flow on to the QKV layer)
             out = attend(q, k, v, ctx)
-            out.backward(g)
+            torch.autograd.grad(out, (q, k, v), g)
         peak = Peak(dtype)
         row[backend] = statistics.median(interleaved(step, reps, peak))
         row[backend + "_peak"] = peak
@@ -65,19 +66,20 @@ def run(L: int, blocks: int, dtype: torch.dtype, batch: int, heads: int, head_di
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
-    ap.add_argument("--blocks", type=int, nargs="+", default=[4, 16])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192],
+                    help="total lengths L (clean + noised tokens of one square image)")
+    ap.add_argument("--blocks", type=int, nargs="+", default=[4, 16], help="block counts per image")
     ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--head-dim", type=int, default=64)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=3, help="timed calls per backend and row (the median is kept)")
     ap.add_argument("--readme", action="store_true", help="write this run's output into README.md's results")
     args = ap.parse_args()
     torch.manual_seed(0)
     out(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch {args.batch}, "
           f"heads {args.heads}, head_dim {args.head_dim}; times are forward + backward")
-    last = None
+    worst = None
     for dname in args.dtypes:
         dtype = DTYPES[dname]
         results = []
@@ -97,11 +99,13 @@ def main() -> None:
                 cells.append(f"{r[b] * 1e3:>9.1f} {r[b] * pk / r['flops']:>8.2f} ({pk / 1e12:.3f})")
             out(f"{r['L']:>6} {r['blocks']:>6} {r['density']:>8.3f} {cells[0]} {cells[1]} "
                 f"{r['block'] * best / r['flops']:>8.2f} {r['sdpa'] / r['block']:>8.2f}")
-            if r["blocks"] == max(args.blocks):
-                last = (dname, r["L"], r["blocks"], r["block"] * r["block_peak"].mean / r["flops"])
-    dname, L, nb, ratio = last
-    out(f"RESULT block-path time / FLOPs-ideal ({dname}, L={L}, {nb} blocks, against the interleaved matmul peak): "
-        f"{ratio:.2f} (target 1.5)")
+            if r["blocks"] == max(args.blocks) and r["L"] >= min(2048, max(args.lengths)):
+                ratio = r["block"] * r["block_peak"].mean / r["flops"]
+                if worst is None or ratio > worst[-1]:
+                    worst = (dname, r["L"], r["blocks"], ratio)
+    dname, L, nb, ratio = worst
+    out(f"RESULT block-path time / FLOPs-ideal, worst at {nb} blocks and L >= {min(2048, max(args.lengths))} over {', '.join(args.dtypes)} "
+        f"({dname}, L={L}, against the interleaved matmul peak): {ratio:.2f} (target 1.5)")
     if args.readme:
         write_readme("attention")
 
