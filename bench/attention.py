@@ -104,8 +104,8 @@ def main() -> None:
                 if worst is None or ratio > worst[-1]:
                     worst = (dname, r["L"], r["blocks"], ratio)
     dname, L, nb, ratio = worst
-    out(f"RESULT block-path time / FLOPs-ideal, worst at {nb} blocks and L >= {min(2048, max(args.lengths))} over {', '.join(args.dtypes)} "
-        f"({dname}, L={L}, against the interleaved matmul peak): {ratio:.2f} (target 1.5)")
+    out(f"RESULT block-path time / FLOPs-ideal, worst at {nb} blocks and L >= {min(2048, max(args.lengths))} "
+        f"over {', '.join(args.dtypes)} ({dname}, L={L}, against the interleaved matmul peak): {ratio:.2f} (target 1.5)")
     if args.readme:
         write_readme("attention")
 
