@@ -6,7 +6,7 @@
 // head, group) and tile of query rows: S = Q K^T over the group's ranges (fp32 accumulation), the
 // softmax in fp32, O = P V. Backward (FlashAttention-2 order), per (batch, head), group, tile of keys and
 // tile of queries: S, P = exp(scale S - lse), dP = dO V^T, dS = P (dP - delta); dV += P^T dO,
-// dK += scale dS^T Q, dQ += scale dS K, accumulated in fp32.
+// dK += dS^T Q, dQ += dS K, accumulated in fp32 (dK and dQ times the scale when written out).
 // bf16 operands go through vdpbf16ps (pairs of bf16 along the reduction axis, fp32 sums); P and dS are
 // rounded to the operands' dtype for their products, as GPU flash attention does.
 //
@@ -42,20 +42,23 @@ inline __m512 load16(const bf16* p) {
 inline void store16(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
 inline void store16(bf16* p, __m512 x) { _mm256_storeu_si256((__m256i*)p, (__m256i)_mm512_cvtneps_pbh(x)); }
 
-// exp for x <= 0 (softmax arguments): 2^n p(r), |r| <= ln2/2, Taylor polynomial of degree DEG
-// (relative error ~2e-7 at 6 for fp32; ~4e-6 at 5, below the 4e-3 of the bf16 P it feeds).
+// 2^t for t <= 0 (softmax arguments, pre-multiplied by log2 e): 2^n p(r), n = round(t), |r| <= 1/2, p the
+// Taylor polynomial of e^(r ln 2) of degree DEG (relative error ~1e-7 at 6 for fp32; ~2.5e-6 at 5, below the
+// 4e-3 of the bf16 P it feeds).
 template <int DEG>
-inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-100.f));
-  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
-  static constexpr float inv_fact[7] = {1.f, 1.f, 1.f / 2, 1.f / 6, 1.f / 24, 1.f / 120, 1.f / 720};
-  __m512 p = _mm512_set1_ps(inv_fact[DEG]);
-  for (int j = DEG - 1; j >= 0; j--) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(inv_fact[j]));
+inline __m512 exp2_16(__m512 t) {
+  t = _mm512_max_ps(t, _mm512_set1_ps(-150.f));
+  __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_sub_ps(t, n);
+  static constexpr double ln2 = 0.693147180559945309;
+  static constexpr float c[7] = {1.f, float(ln2), float(ln2 * ln2 / 2), float(ln2 * ln2 * ln2 / 6),
+                                 float(ln2 * ln2 * ln2 * ln2 / 24), float(ln2 * ln2 * ln2 * ln2 * ln2 / 120),
+                                 float(ln2 * ln2 * ln2 * ln2 * ln2 * ln2 / 720)};
+  __m512 p = _mm512_set1_ps(c[DEG]);
+  for (int j = DEG - 1; j >= 0; j--) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c[j]));
   return _mm512_scalef_ps(p, n);
 }
+constexpr float LOG2E = 1.44269504088896341f;
 
 // ---------------------------------------------------------------- GEMM: C (M x N, fp32) (+)= A (M x K) Bp (K x N)
 // A row-major with K contiguous (lda elements); Bp packed: fp32 [K][ldb], bf16 [K/2][ldb][2].
@@ -68,6 +71,7 @@ template <typename T> constexpr int EXP_DEG = KStep<T>::v == 2 ? 5 : 6;
 
 template <typename T, int MR, int NV, bool ACC>
 void micro(int K, const T* A, int lda, const T* Bp, int ldb, float* C, int ldc) {
+  if (K <= 0) __builtin_unreachable();
   __m512 acc[MR][NV];
   for (int i = 0; i < MR; i++)
     for (int j = 0; j < NV; j++) acc[i][j] = ACC ? _mm512_loadu_ps(C + i * ldc + 16 * j) : _mm512_setzero_ps();
@@ -121,9 +125,11 @@ void gemm(int M, int N, int K, const T* A, int lda, const T* Bp, int ldb, float*
     nv = std::min(4, (N - n0) / 16);
     int MR = mr_for(nv);
     const T* B = Bp + (size_t)n0 * KStep<T>::v;
-    for (int m0 = 0; m0 < M; m0 += MR) {
-      int mr = std::min(MR, M - m0);
+    const int calls = (M + MR - 1) / MR, big = M - (M / calls) * calls;  // rows split evenly: no thin last call
+    for (int c = 0, m0 = 0; c < calls; c++) {
+      int mr = M / calls + (c < big);
       table[accumulate][nv - 1][mr - 1](K, A + (size_t)m0 * lda, lda, B, ldb, C + (size_t)m0 * ldc + n0, ldc);
+      m0 += mr;
     }
   }
 }
@@ -133,28 +139,50 @@ void gemm(int M, int N, int K, const T* A, int lda, const T* Bp, int ldb, float*
 // The L rows of one (batch, head) start at x and lie sl elements apart (sl even for bf16).
 // 16 (fp32) or 16 word-pairs (bf16) of rows are moved per gather; a scalar tail finishes.
 
-// out (D x L, rows ld apart): element (d, r) = x[r][d]: the B operand of "rows . x^T" (bf16: pairs along D).
+// t[j] = the 32-bit words in[0..15][j] (row i of in at in + i * stride): a 16 x 16 transpose in registers.
+inline void transpose16(const int32_t* in, int64_t stride, __m512i t[16]) {
+  __m512i a[16], c[16];
+  for (int i = 0; i < 16; i++) a[i] = _mm512_loadu_si512(in + i * stride);
+  for (int i = 0; i < 16; i += 2) {  // 2 x 2 blocks of words
+    c[i] = _mm512_unpacklo_epi32(a[i], a[i + 1]);
+    c[i + 1] = _mm512_unpackhi_epi32(a[i], a[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4)  // 4 x 4 blocks
+    for (int j = 0; j < 2; j++) {
+      a[i + j] = _mm512_unpacklo_epi64(c[i + j], c[i + j + 2]);
+      a[i + j + 2] = _mm512_unpackhi_epi64(c[i + j], c[i + j + 2]);
+    }
+  for (int i = 0; i < 16; i += 8)  // 8 x 8 blocks (128-bit lanes)
+    for (int j = 0; j < 4; j++) {
+      c[i + j] = _mm512_shuffle_i32x4(a[i + j], a[i + j + 4], 0x88);
+      c[i + j + 4] = _mm512_shuffle_i32x4(a[i + j], a[i + j + 4], 0xdd);
+    }
+  for (int j = 0; j < 8; j++) {  // 16 x 16
+    a[j] = _mm512_shuffle_i32x4(c[j], c[j + 8], 0x88);
+    a[j + 8] = _mm512_shuffle_i32x4(c[j], c[j + 8], 0xdd);
+  }
+  // a[k] now holds word column (lane order) k' of the input for a fixed permutation k -> k'
+  static constexpr int col[16] = {0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15};
+  for (int k = 0; k < 16; k++) t[col[k]] = a[k];
+}
+
+// out (D x L, rows ld apart): element (d, r) = x[r][d]: the B operand of "rows . x^T" (bf16: pairs along D,
+// moved as 32-bit words). The L rows of one (batch, head) start at x and lie sl elements apart (sl even
+// for bf16). 16 x 16 blocks of words are transposed in registers; a scalar tail finishes.
 template <typename T>
 void pack_transposed(const T* x, int64_t sl, int L, int D, T* out, int ld) {
-  const int r16 = L / 16 * 16;
-  if constexpr (KStep<T>::v == 2) {  // 32-bit words (d, d+1) move together
-    const int32_t* w = reinterpret_cast<const int32_t*>(x);
-    int32_t* o = reinterpret_cast<int32_t*>(out);
-    const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                           _mm512_set1_epi32((int)(sl / 2)));
-    for (int r = 0; r < r16; r += 16)
-      for (int c = 0; c < D / 2; c++)
-        _mm512_storeu_si512(o + (size_t)c * ld + r, _mm512_i32gather_epi32(idx, w + (r * sl) / 2 + c, 4));
-    for (int r = r16; r < L; r++)
-      for (int c = 0; c < D / 2; c++) o[(size_t)c * ld + r] = w[(r * sl) / 2 + c];
-  } else {
-    const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                           _mm512_set1_epi32((int)sl));
-    for (int r = 0; r < r16; r += 16)
-      for (int d = 0; d < D; d++) _mm512_storeu_ps(out + (size_t)d * ld + r, _mm512_i32gather_ps(idx, x + r * sl + d, 4));
-    for (int r = r16; r < L; r++)
-      for (int d = 0; d < D; d++) out[(size_t)d * ld + r] = x[r * sl + d];
-  }
+  const int r16 = L / 16 * 16, W = D / KStep<T>::v;  // words per row (a multiple of 16)
+  const int64_t ws = sl / KStep<T>::v;
+  const int32_t* w = reinterpret_cast<const int32_t*>(x);
+  int32_t* o = reinterpret_cast<int32_t*>(out);
+  __m512i t[16];
+  for (int r = 0; r < r16; r += 16)
+    for (int c0 = 0; c0 < W; c0 += 16) {
+      transpose16(w + r * ws + c0, ws, t);
+      for (int c = 0; c < 16; c++) _mm512_storeu_si512(o + (size_t)(c0 + c) * ld + r, t[c]);
+    }
+  for (int r = r16; r < L; r++)
+    for (int c = 0; c < W; c++) o[(size_t)c * ld + r] = w[r * ws + c];
 }
 
 // out (Lp x D), Lp = L rounded up to even: element (r, d) = x[r][d], the B operand of "(. x L) . x"
@@ -188,19 +216,19 @@ void plain_transposed(const T* x, int64_t sl, int L, int D, T* out, int ld) {
   } else {
     const int r32 = L / 32 * 32;
     const int32_t* w = reinterpret_cast<const int32_t*>(x);
-    const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                           _mm512_set1_epi32((int)(sl / 2)));
-    __m512i even = _mm512_setzero_si512(), odd;
+    const int64_t ws = sl / 2;
     alignas(64) int16_t ev[32];
     for (int i = 0; i < 32; i++) ev[i] = int16_t(2 * i);
-    even = _mm512_load_si512(ev);
-    odd = _mm512_add_epi16(even, _mm512_set1_epi16(1));
+    const __m512i even = _mm512_load_si512(ev), odd = _mm512_add_epi16(even, _mm512_set1_epi16(1));
+    __m512i t0[16], t1[16];
     for (int r = 0; r < r32; r += 32)
-      for (int c = 0; c < D / 2; c++) {
-        __m512i g0 = _mm512_i32gather_epi32(idx, w + (r * sl) / 2 + c, 4);         // rows r..r+15: (d, d+1)
-        __m512i g1 = _mm512_i32gather_epi32(idx, w + ((r + 16) * sl) / 2 + c, 4);  // rows r+16..r+31
-        _mm512_storeu_si512(out + (size_t)(2 * c) * ld + r, _mm512_permutex2var_epi16(g0, even, g1));
-        _mm512_storeu_si512(out + (size_t)(2 * c + 1) * ld + r, _mm512_permutex2var_epi16(g0, odd, g1));
+      for (int c0 = 0; c0 < D / 2; c0 += 16) {
+        transpose16(w + r * ws + c0, ws, t0);         // rows r..r+15: words (d, d+1), d = 2 (c0 + c)
+        transpose16(w + (r + 16) * ws + c0, ws, t1);  // rows r+16..r+31
+        for (int c = 0; c < 16; c++) {
+          _mm512_storeu_si512(out + (size_t)(2 * (c0 + c)) * ld + r, _mm512_permutex2var_epi16(t0[c], even, t1[c]));
+          _mm512_storeu_si512(out + (size_t)(2 * (c0 + c) + 1) * ld + r, _mm512_permutex2var_epi16(t0[c], odd, t1[c]));
+        }
       }
     for (int r = r32; r < L; r++)
       for (int d = 0; d < D; d++) out[(size_t)d * ld + r] = x[r * sl + d];
@@ -317,7 +345,7 @@ const T* rows_of(const Tensor4& t, int b, int h) { return reinterpret_cast<const
 
 // ---------------------------------------------------------------- forward
 
-constexpr int QT_FWD = 16;
+constexpr int QT_FWD = 24;
 
 template <typename T>
 void forward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, float* lse, int L, int Lk,
@@ -360,9 +388,10 @@ void forward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, fl
         __m512 mx = _mm512_set1_ps(-INFINITY);
         for (int c = 0; c < m; c += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + c));
         float mxs = _mm512_reduce_max_ps(mx);
-        __m512 shift = _mm512_set1_ps(-mxs * scale), sc = _mm512_set1_ps(scale), sum = _mm512_setzero_ps();
+        const float sl2 = scale * LOG2E;  // e^(scale (s - max)) = 2^(sl2 s - sl2 max)
+        __m512 shift = _mm512_set1_ps(-mxs * sl2), sc = _mm512_set1_ps(sl2), sum = _mm512_setzero_ps();
         for (int c = 0; c < m; c += 16) {
-          __m512 e = exp16<EXP_DEG<T>>(_mm512_fmadd_ps(_mm512_loadu_ps(s + c), sc, shift));
+          __m512 e = exp2_16<EXP_DEG<T>>(_mm512_fmadd_ps(_mm512_loadu_ps(s + c), sc, shift));
           sum = _mm512_add_ps(sum, e);
           store16(p + c, e);
         }
@@ -389,7 +418,7 @@ void forward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, fl
 // P^T and dS^T come out in the row-major layout the products dV += P^T dO and dK += dS^T Q read, and
 // dQ^T += K^T dS^T takes dS^T re-paired along keys.
 
-constexpr int QT_BWD = 64, KT_BWD = 48;
+constexpr int QT_BWD = 64, KT_BWD = 96;
 
 template <typename T, typename G>
 void backward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, Tensor4 dout, const float* lse,
@@ -412,7 +441,7 @@ void backward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, T
     pack_rows<T>(rows_of<T>(dout, b, h), dout.sl, L, D, dOp);      // B of P^T dO: (L x D)
     plain_transposed<T>(rows_of<T>(k, b, h), k.sl, L, D, KT, Lt);      // A of K^T dS^T: (D x L)
     std::vector<T> PT((size_t)KT_BWD * QT_BWD), dST((size_t)KT_BWD * QT_BWD), dSp((size_t)KT_BWD * QT_BWD);
-    std::vector<float> ST((size_t)KT_BWD * QT_BWD), dPT((size_t)KT_BWD * QT_BWD), dQT, delta;
+    std::vector<float> ST((size_t)KT_BWD * QT_BWD), dPT((size_t)KT_BWD * QT_BWD), dQT, delta, lse2;
     float *dKf = ws.grad[0].get((size_t)L * D), *dVf = ws.grad[1].get((size_t)L * D);  // fp32 sums over groups
     std::memset(dKf, 0, sizeof(float) * L * D);  // the products add straight into them
     std::memset(dVf, 0, sizeof(float) * L * D);
@@ -422,7 +451,9 @@ void backward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, T
     for (const Group& g : groups) {
       int nq = g.q1 - g.q0;
       delta.resize(nq);
-      for (int i = 0; i < nq; i++) {  // delta_i = sum_d dO_id O_id
+      lse2.resize(nq);
+      for (int i = 0; i < nq; i++) {  // delta_i = sum_d dO_id O_id; lse in base 2
+        lse2[i] = lse[base + g.q0 + i] * LOG2E;
         const T *orow = row_ptr<T>(o, b, h, g.q0 + i), *drow = row_ptr<T>(dout, b, h, g.q0 + i);
         __m512 acc = _mm512_setzero_ps();
         for (int d = 0; d < D; d += 16) acc = _mm512_fmadd_ps(load16(drow + d), load16(orow + d), acc);
@@ -437,19 +468,20 @@ void backward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, T
             int nr = std::min(QT_BWD, nq - r0), qa = g.q0 + r0;
             gemm<T>(nk, nr, D, row_ptr<T>(k, b, h, k0), k.sl, Qt + (size_t)qa * KS, Lt, ST.data(), nr, false);
             gemm<T>(nk, nr, D, row_ptr<T>(v, b, h, k0), v.sl, dOt + (size_t)qa * KS, Lt, dPT.data(), nr, false);
-            const __m512 sc = _mm512_set1_ps(scale);
-            // P^T, dS^T = P^T (dP^T - delta) scale, two key rows at a time; for bf16 also dS^T re-paired
+            const __m512 sc = _mm512_set1_ps(scale * LOG2E);
+            // P^T = 2^(scale log2e S^T - log2e lse), dS^T = P^T (dP^T - delta) (the scale is applied to dK and dQ
+            // when they are written out), two key rows at a time; for bf16 also dS^T re-paired
             // along keys for dQ^T += K^T dS^T: dSp[(c/2)][i][c&1] (nk is a multiple of 16)
             const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
                                                    23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
             for (int c = 0; c < nk; c += 2)
               for (int i = 0; i < nr; i += 16) {
-                const __m512 l = _mm512_loadu_ps(lse + base + qa + i), dl = _mm512_loadu_ps(&delta[r0 + i]);
+                const __m512 l = _mm512_loadu_ps(&lse2[r0 + i]), dl = _mm512_loadu_ps(&delta[r0 + i]);
                 __m512 ds[2];
                 for (int u = 0; u < 2; u++) {
                   const size_t at = (size_t)(c + u) * nr + i;
-                  __m512 p = exp16<EXP_DEG<T>>(_mm512_fmsub_ps(_mm512_loadu_ps(&ST[at]), sc, l));
-                  ds[u] = _mm512_mul_ps(_mm512_mul_ps(p, _mm512_sub_ps(_mm512_loadu_ps(&dPT[at]), dl)), sc);
+                  __m512 p = exp2_16<EXP_DEG<T>>(_mm512_fmsub_ps(_mm512_loadu_ps(&ST[at]), sc, l));
+                  ds[u] = _mm512_mul_ps(p, _mm512_sub_ps(_mm512_loadu_ps(&dPT[at]), dl));
                   store16(&PT[at], p);
                   store16(&dST[at], ds[u]);
                 }
@@ -466,14 +498,17 @@ void backward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, T
           }
         }
       alignas(64) float row[1024];
-      for (int i = 0; i < nq; i++) {  // dQ^T -> dq rows (every query is in one group)
+      const __m512 sc = _mm512_set1_ps(scale);
+      for (int i = 0; i < nq; i++) {  // scale dQ^T -> dq rows (every query is in one group)
         for (int d = 0; d < D; d++) row[d] = dQT[(size_t)d * nqs + i];
-        for (int d = 0; d < D; d += 16) store16(dq + (base + g.q0 + i) * D + d, _mm512_load_ps(row + d));
+        for (int d = 0; d < D; d += 16)
+          store16(dq + (base + g.q0 + i) * D + d, _mm512_mul_ps(_mm512_load_ps(row + d), sc));
       }
     }
+    const __m512 sc = _mm512_set1_ps(scale);
     for (int l = 0; l < L; l++)
       for (int d = 0; d < D; d += 16) {
-        store16(dk + (base + l) * D + d, _mm512_loadu_ps(dKf + (size_t)l * D + d));
+        store16(dk + (base + l) * D + d, _mm512_mul_ps(_mm512_loadu_ps(dKf + (size_t)l * D + d), sc));
         store16(dv + (base + l) * D + d, _mm512_loadu_ps(dVf + (size_t)l * D + d));
       }
   });
