@@ -51,7 +51,9 @@ def run(q, k, v, lay, dout):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("name", list(LAYOUTS))
 @pytest.mark.parametrize("D", [32, 64])
-def test_kernel_matches_naive_attention_and_aten(name, dtype, D, monkeypatch):
+@pytest.mark.parametrize("keep", [True, False], ids=["kept-probs", "recomputed-probs"])
+def test_kernel_matches_naive_attention_and_aten(name, dtype, D, keep, monkeypatch):
+    monkeypatch.setattr(attention, "KEEP_PROBS_MIB", 1024 if keep else 0)
     lay = pack(LAYOUTS[name], PackSpec()).layout
     B, L, H = lay.shape[0], lay.shape[1], 2
     groups = masks.query_groups(lay.row(0))
@@ -74,6 +76,31 @@ def test_kernel_matches_naive_attention_and_aten(name, dtype, D, monkeypatch):
         if dtype == torch.bfloat16:  # no worse than ATen's bf16 kernels, up to rounding noise
             err, err_aten = (a.double() - r).abs().mean(), (t.double() - r).abs().mean()
             assert err <= 1.5 * err_aten + 1e-4, (name_, float(err), float(err_aten))
+
+
+def test_probabilities_are_kept_for_training_only_and_within_the_memory_limit(monkeypatch):
+    """The forward keeps the probabilities (one per allowed pair) when gradients will be taken and they fit
+    KEEP_PROBS_MIB; not under no_grad, not for inputs without grad, not above the limit."""
+    lay = pack(LAYOUTS["16x64"], PackSpec()).layout
+    B, L, H, D = lay.shape[0], lay.shape[1], 2, 64
+    seen = []
+    real = block_kernel.forward
+
+    def spy(q, k, v, out, groups, probs=None):
+        seen.append(None if probs is None else probs.numel())
+        return real(q, k, v, out, groups, probs)
+    monkeypatch.setattr(block_kernel, "forward", spy)
+    q, k, v = qkv(B, H, L, D, torch.bfloat16, seed=0)
+    allowed = int(masks.dense_mask(lay).sum()) * H
+    ctx = lambda: AttnContext(lay, None, None, "block")  # noqa: E731
+    attend(q, k, v, ctx())
+    with torch.no_grad():
+        attend(q, k, v, ctx())
+    attend(q.detach(), k.detach(), v.detach(), ctx())
+    assert allowed * 2 > 2 * 2 ** 20  # bf16 probabilities over 2 MiB: a limit 1 MiB under them refuses them
+    monkeypatch.setattr(attention, "KEEP_PROBS_MIB", allowed * 2 // 2 ** 20 - 1)
+    attend(q, k, v, ctx())
+    assert seen == [allowed, None, None, None]
 
 
 def test_kernel_rejects_groups_it_cannot_pack():
@@ -141,11 +168,11 @@ def test_cached_passes_through_the_kernel_equal_the_full_forward(guided, monkeyp
     calls = {"n": 0, "longer_keys": 0, "inside": False}
     real, split = block_kernel.forward, attention._cached_split_attention
 
-    def counted(q, k, v, out, groups):  # kernel calls made by cached passes (not by the oracle's forwards)
+    def counted(q, k, v, out, groups, probs=None):  # kernel calls made by cached passes (not by the oracle's forwards)
         if calls["inside"]:
             calls["n"] += 1
             calls["longer_keys"] += k.shape[2] > q.shape[2]
-        return real(q, k, v, out, groups)
+        return real(q, k, v, out, groups, probs)
 
     def cached_pass(*a):
         calls["inside"] = True

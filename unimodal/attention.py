@@ -14,6 +14,7 @@ Backends (all derive their masks from `masks.allowed`):
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +30,10 @@ MAX_BLOCK_GROUPS = 96  # above this many query groups per row the block path fal
 # The CPU backward kernel in bf16 beats the fp32 one (1.1-1.3x) from about 128 queries per call and
 # loses below (0.5x at 16): smaller groups of a bf16 block path take the fp32 kernel (measured here).
 LOW_BWD_MIN_QUERIES = 128
+# The own kernel's forward keeps the attention probabilities of the allowed pairs for its backward (which
+# then skips Q K^T and the exponentials: about 12% faster here) when they take at most this many MiB per
+# call; more, or UNIMODAL_KEEP_PROBS_MIB=0, and the backward recomputes them (FlashAttention's memory).
+KEEP_PROBS_MIB = int(os.environ.get("UNIMODAL_KEEP_PROBS_MIB", "1024"))
 
 
 # ----------------------------------------------------------------------------- RoPE-ND
@@ -317,7 +322,11 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext) -> Tensor:
 
 def _block_attention(q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext) -> Tensor:
     all_groups = ctx.groups()
-    row = _BlockSDPA.apply if q.device.type == "cpu" else _block_row_autograd
+    if q.device.type == "cpu":
+        grad = torch.is_grad_enabled()
+        row = lambda q, k, v, groups: _BlockSDPA.apply(q, k, v, groups, grad)  # noqa: E731
+    else:
+        row = _block_row_autograd
     if len(all_groups) == 1:
         return row(q, k, v, all_groups[0])
     return torch.cat([row(q[b:b + 1], k[b:b + 1], v[b:b + 1], g) for b, g in enumerate(all_groups)], 0)
@@ -371,12 +380,17 @@ class _BlockSDPA(torch.autograd.Function):
     fp32 dq/dk/dv instead of autograd's per-slice full-size buffers."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, groups: list) -> Tensor:
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, groups: list, grad: bool) -> Tensor:
         fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
         B, H, L, D = q.shape
         out = q.new_empty(B, L, H, D).transpose(1, 2)  # (B, H, L, D), memory as (B, L, H, D)
         fused, rest = _kernel_split(q, groups)
-        lse_fused = block_kernel.forward(q, k, v, out, fused) if fused else None  # (B, H, L) on fused rows
+        probs = None  # the fused groups' probabilities, kept for the backward
+        if fused and grad and any(ctx.needs_input_grad[:3]):
+            n = block_kernel.probs_numel(B, H, fused)
+            if n * q.element_size() <= KEEP_PROBS_MIB * 2 ** 20:
+                probs = q.new_empty(n)
+        lse_fused = block_kernel.forward(q, k, v, out, fused, probs) if fused else None  # (B, H, L) on fused rows
         saved = []
         for g in rest:
             if not g.k_ranges:
@@ -388,18 +402,18 @@ class _BlockSDPA(torch.autograd.Function):
             out[:, :, g.q0:g.q1] = o  # (B, H, n, D)
             saved.append((lse, mask))
         ctx.groups, ctx.saved, ctx.fused = rest, saved, fused
-        ctx.save_for_backward(q, k, v, out, lse_fused)
+        ctx.save_for_backward(q, k, v, out, lse_fused, probs)
         return out
 
     @staticmethod
     def backward(ctx, dout: Tensor):
         bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
         dtype = dout.dtype
-        q, k, v, out, lse_fused = ctx.saved_tensors
+        q, k, v, out, lse_fused, probs = ctx.saved_tensors
         if ctx.fused and not ctx.groups:  # the kernel alone: gradients straight in the inputs' dtype
-            return (*block_kernel.backward(q, k, v, out, dout, lse_fused, ctx.fused, dtype), None)
+            return (*block_kernel.backward(q, k, v, out, dout, lse_fused, ctx.fused, dtype, probs), None, None)
         if ctx.fused:  # fp32 accumulators, started by the kernel
-            dq, dk, dv = block_kernel.backward(q, k, v, out, dout, lse_fused, ctx.fused, torch.float32)
+            dq, dk, dv = block_kernel.backward(q, k, v, out, dout, lse_fused, ctx.fused, torch.float32, probs)
         else:
             dq, dk, dv = (torch.zeros(t.shape, dtype=torch.float32) for t in (q, k, v))  # fp32 accumulators
         low = q.dtype != torch.float32
@@ -420,7 +434,7 @@ class _BlockSDPA(torch.autograd.Function):
                 dk[:, :, s:e] += gk[:, :, o:o + e - s]
                 dv[:, :, s:e] += gv[:, :, o:o + e - s]
                 o += e - s
-        return dq.to(dtype), dk.to(dtype), dv.to(dtype), None
+        return dq.to(dtype), dk.to(dtype), dv.to(dtype), None, None
 
 
 _FLEX = {}

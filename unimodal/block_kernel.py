@@ -5,8 +5,10 @@ the source's hash and the compiler flags, and loaded with ctypes. Where it canno
 compiler, a CPU without AVX512-BF16) or `UNIMODAL_BLOCK_KERNEL=0` is set, `available()` is False and
 the block path uses ATen's fused SDPA kernels instead.
 
-`forward(q, k, v, groups)` and `backward(...)` take (B, H, L, D) tensors (fp32 or bf16, last axis
-contiguous, D a multiple of 32) and the query groups `takes` accepts.
+`forward(q, k, v, out, groups)` and `backward(...)` take (B, H, L, D) tensors (fp32 or bf16, last axis
+contiguous, D a multiple of 32) and the query groups `takes` accepts. The forward can keep the
+attention probabilities (`probs`, `probs_numel(B, H, groups)` elements in the inputs' dtype: the allowed
+pairs only) for the backward, which then skips recomputing Q K^T and the exponentials.
 """
 from __future__ import annotations
 
@@ -64,8 +66,8 @@ def _build() -> ctypes.CDLL:
                 os.unlink(tmp)
     lib = ctypes.CDLL(str(out))
     p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-    lib.block_attention_forward.argtypes = [i, i, i, i, i, i, p, p, p, p, p, p, p, p, p, p, i, f, i]
-    lib.block_attention_backward.argtypes = [i, i, i, i, i, p, p, p, p, p, p, p, p, p, p, p, p, p, p, i, p, i, f, i]
+    lib.block_attention_forward.argtypes = [i, i, i, i, i, i, p, p, p, p, p, p, p, p, p, p, p, i, f, i]
+    lib.block_attention_backward.argtypes = [i, i, i, i, i, p, p, p, p, p, p, p, p, p, p, p, p, p, p, p, i, p, i, f, i]
     lib.block_attention_forward.restype = lib.block_attention_backward.restype = i
     return lib
 
@@ -142,41 +144,63 @@ def _ptr(t: Tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr())
 
 
-def forward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, groups) -> Tensor:
+def probs_numel(B: int, H: int, groups) -> int:
+    """Elements of the kept probabilities of these groups: one per allowed (query, key) pair."""
+    return B * H * sum((g.q1 - g.q0) * sum(e - s for s, e in g.k_ranges) for g in groups)
+
+
+def forward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, groups, probs: Tensor | None = None) -> Tensor:
     """Writes softmax(q k^T / sqrt(D)) v of every group's queries into out (B, H, L, D); returns the
     log-sum-exp (B, H, L) fp32 (rows of other queries left unset). k, v: (B, H, Lk, D), Lk may differ
-    from L (a cached pass: the queries against the committed cache)."""
+    from L (a cached pass: the queries against the committed cache). probs: None, or a contiguous
+    tensor of `probs_numel` elements in q's dtype that receives the probabilities for `backward`
+    (Lk == L only)."""
     B, H, L, D = q.shape
     Lk = k.shape[2]
     assert k.shape == v.shape == (B, H, Lk, D), (q.shape, k.shape, v.shape)
     q, k, v = readable(q), readable(k), readable(v)
     assert out.stride(-1) == 1 and out.dtype == q.dtype, "out: written in place, last axis contiguous"
+    _check_probs(probs, q, groups)
+    if probs is not None and Lk != L:
+        raise ValueError(f"block kernel: probabilities are kept for self-attention only (keys {Lk}, queries {L})")
     lse = torch.empty(B, H, L, dtype=torch.float32)
     with record_function(FORWARD_EVENT):
         rc = library().block_attention_forward(
             DTYPES[q.dtype], B, H, L, Lk, D, _ptr(q), _strides(q), _ptr(k), _strides(k), _ptr(v), _strides(v),
-            _ptr(out), _strides(out), _ptr(lse), encode(groups), len(groups), 1.0 / math.sqrt(D),
-            torch.get_num_threads())
+            _ptr(out), _strides(out), _ptr(lse), _ptr(probs) if probs is not None else None, encode(groups),
+            len(groups), 1.0 / math.sqrt(D), torch.get_num_threads())
     _raise_on(rc, q, groups)
     return lse
 
 
 def backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: Tensor, groups,
-             grad_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+             grad_dtype: torch.dtype, probs: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """dq, dk, dv (contiguous (B, H, L, D), in grad_dtype: fp32 or the inputs' dtype) of the groups'
-    attention; zero where no group reaches."""
+    attention; zero where no group reaches. probs: what `forward` kept for the same groups, or None
+    (the probabilities are recomputed)."""
     B, H, L, D = q.shape
     q, k, v, out, dout = (readable(t) for t in (q, k, v, out, dout))
     if grad_dtype not in (torch.float32, q.dtype):
         raise ValueError(f"block kernel: gradients in fp32 or {q.dtype}, not {grad_dtype}")
+    _check_probs(probs, q, groups)
     dq, dk, dv = (torch.empty(B, H, L, D, dtype=grad_dtype) for _ in range(3))
     with record_function(BACKWARD_EVENT):
         rc = library().block_attention_backward(
             DTYPES[q.dtype], B, H, L, D, _ptr(q), _strides(q), _ptr(k), _strides(k), _ptr(v), _strides(v),
-            _ptr(out), _strides(out), _ptr(dout), _strides(dout), _ptr(lse), _ptr(dq), _ptr(dk), _ptr(dv),
+            _ptr(out), _strides(out), _ptr(dout), _strides(dout), _ptr(lse),
+            _ptr(probs) if probs is not None else None, _ptr(dq), _ptr(dk), _ptr(dv),
             DTYPES[grad_dtype], encode(groups), len(groups), 1.0 / math.sqrt(D), torch.get_num_threads())
     _raise_on(rc, q, groups)
     return dq, dk, dv
+
+
+def _check_probs(probs: Tensor | None, q: Tensor, groups) -> None:
+    if probs is None:
+        return
+    want = probs_numel(q.shape[0], q.shape[1], groups)
+    if probs.dtype != q.dtype or not probs.is_contiguous() or probs.numel() != want:
+        raise ValueError(f"block kernel: probs must be a contiguous {q.dtype} tensor of {want} elements "
+                         f"(probs_numel), not {probs.dtype} {tuple(probs.shape)}")
 
 
 def _raise_on(rc: int, q: Tensor, groups) -> None:

@@ -250,6 +250,25 @@ struct Group {
   }
 };
 
+// The kept probabilities ("probs"): one block per (batch, head), in it one block per group (at the sum of
+// the earlier groups' queries x keys), holding P (queries x the group's keys, its ranges side by side) as
+// the B operand of a product that reduces over queries: fp32 row-major, bf16 rows i, i+1 interleaved
+// ([(i/2)][m][2]). The backward's dV^T += dO^T P reads it in place.
+std::vector<int64_t> probs_offsets(const std::vector<Group>& gs, int64_t* per_bh) {
+  std::vector<int64_t> off(gs.size());
+  int64_t n = 0;
+  for (size_t i = 0; i < gs.size(); i++) off[i] = n, n += (int64_t)(gs[i].q1 - gs[i].q0) * gs[i].keys();
+  *per_bh = n;
+  return off;
+}
+
+// Rows i, i+1 of fp32 (16 values each) -> 32 bf16 interleaved (i's value, i+1's value, ...).
+inline __m512i interleave_bf16(__m512 a, __m512 b) {
+  const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                         23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  return _mm512_permutexvar_epi16(pairs, (__m512i)_mm512_cvtne2ps_pbh(b, a));
+}
+
 bool aligned(const Group& g) {  // what the packed layouts need: 16-multiples, even starts
   if ((g.q1 - g.q0) % 16 || g.q0 % 2) return false;
   for (auto& r : g.ranges)
@@ -345,11 +364,13 @@ const T* rows_of(const Tensor4& t, int b, int h) { return reinterpret_cast<const
 
 // ---------------------------------------------------------------- forward
 
-constexpr int QT_FWD = 24;
+constexpr int QT_FWD = 24;  // even: the kept probabilities pair rows
 
 template <typename T>
-void forward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, float* lse, int L, int Lk,
+void forward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, float* lse, T* probs, int L, int Lk,
              const std::vector<Group>& groups, float scale, int nthreads) {
+  int64_t per_bh;
+  const std::vector<int64_t> poff = probs_offsets(groups, &per_bh);
   const int G = groups.size(), KS = KStep<T>::v, Le = round_up(Lk, 2);
   const int Lt = padded(Lk);
   T* Kt = shared_scratch<T>(0, (size_t)B * H * D * Lt);
@@ -394,9 +415,28 @@ void forward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, fl
           __m512 e = exp2_16<EXP_DEG<T>>(_mm512_fmadd_ps(_mm512_loadu_ps(s + c), sc, shift));
           sum = _mm512_add_ps(sum, e);
           store16(p + c, e);
+          if (probs) _mm512_storeu_ps(s + c, e);
         }
         rowsum[i] = _mm512_reduce_add_ps(sum);
         lse[((int64_t)b * H + h) * L + r0 + i] = mxs * scale + std::log(rowsum[i]);
+      }
+      if (probs) {  // normalised P into the kept probabilities: whole cache lines, in order, not through the cache
+        T* dst = probs + per_bh * bh + poff[t % G] + (int64_t)(r0 - g.q0) * m;  // r0 - q0 even
+        for (int i = 0; i < nr; i += KS) {
+          const float* s0 = &S[(size_t)i * ms];
+          const __m512 inv0 = _mm512_set1_ps(1.f / rowsum[i]);
+          if constexpr (KStep<T>::v == 2) {
+            const float* s1 = s0 + ms;
+            const __m512 inv1 = _mm512_set1_ps(1.f / rowsum[i + 1]);
+            for (int c = 0; c < m; c += 16)
+              _mm512_stream_si512((__m512i*)(dst + (int64_t)i * m + 2 * c),
+                                  interleave_bf16(_mm512_mul_ps(_mm512_loadu_ps(s0 + c), inv0),
+                                                  _mm512_mul_ps(_mm512_loadu_ps(s1 + c), inv1)));
+          } else {
+            for (int c = 0; c < m; c += 16)
+              _mm512_stream_ps(dst + (int64_t)i * m + c, _mm512_mul_ps(_mm512_loadu_ps(s0 + c), inv0));
+          }
+        }
       }
       col = 0;
       for (size_t ri = 0; ri < g.ranges.size(); ri++) {  // O (nr x D) = sum over ranges of P[:, range] V[range]
@@ -414,103 +454,139 @@ void forward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, fl
 }
 
 // ---------------------------------------------------------------- backward
-// Transposed formulation: per (key tile, query tile) S^T = K Q^T and dP^T = V dO^T (keys as rows), so
-// P^T and dS^T come out in the row-major layout the products dV += P^T dO and dK += dS^T Q read, and
-// dQ^T += K^T dS^T takes dS^T re-paired along keys.
+// Per (batch, head), group, tile of queries (rows) and tile of keys: dP = dO V^T; P from the kept
+// probabilities, or recomputed (S = Q K^T, P = exp(scale S - lse)); dS = P (dP - delta);
+// dV^T += dO^T P and dK^T += Q^T dS (fp32 sums D x L over all groups), dQ += dS K (fp32, per query tile).
+// P and dS are the B operands of the first two in the layout of the kept probabilities (bf16: query rows
+// paired), and dS the A operand of the third (row-major).
 
-constexpr int QT_BWD = 64, KT_BWD = 96;
+constexpr int QT_BWD = 64, KT_BWD = 128;
 
 template <typename T, typename G>
 void backward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, Tensor4 dout, const float* lse,
-              G* dq, G* dk, G* dv, int L, const std::vector<Group>& groups, float scale, int nthreads) {
-  const int KS = KStep<T>::v, Le = round_up(L, 2);
+              G* dq, G* dk, G* dv, const T* probs, int L, const std::vector<Group>& groups, float scale,
+              int nthreads) {
+  const int KS = KStep<T>::v, Le = round_up(L, 2), Lt = padded(L);
+  int64_t per_bh;
+  const std::vector<int64_t> poff = probs_offsets(groups, &per_bh);
   std::vector<uint8_t> is_query(L, 0);
   for (auto& g : groups) std::fill(is_query.begin() + g.q0, is_query.begin() + g.q1, 1);
-  const __m512 zero = _mm512_setzero_ps();
-  // one task per (batch, head): its groups add into the same dk/dv rows
+  const __m512 zero = _mm512_setzero_ps(), sc = _mm512_set1_ps(scale);
+  // one task per (batch, head): its groups add into the same dK^T, dV^T columns
   parallel_for(B * H, nthreads, [&](int bh, int worker) {
     int b = bh / H, h = bh % H;
     const int64_t base = (int64_t)bh * L;
     Workspace& ws = workspaces[worker];
-    const int Lt = padded(L);
-    T *Qt = ws.get<T>(0, (size_t)D * Lt), *dOt = ws.get<T>(1, (size_t)D * Lt), *KT = ws.get<T>(2, (size_t)D * Lt);
-    T *Qp = ws.get<T>(3, (size_t)Le * D), *dOp = ws.get<T>(4, (size_t)Le * D);
-    pack_transposed<T>(rows_of<T>(q, b, h), q.sl, L, D, Qt, Lt);    // B of K Q^T: (D x L)
-    pack_transposed<T>(rows_of<T>(dout, b, h), dout.sl, L, D, dOt, Lt);  // B of V dO^T: (D x L)
-    pack_rows<T>(rows_of<T>(q, b, h), q.sl, L, D, Qp);      // B of dS^T Q: (L x D)
-    pack_rows<T>(rows_of<T>(dout, b, h), dout.sl, L, D, dOp);      // B of P^T dO: (L x D)
-    plain_transposed<T>(rows_of<T>(k, b, h), k.sl, L, D, KT, Lt);      // A of K^T dS^T: (D x L)
-    std::vector<T> PT((size_t)KT_BWD * QT_BWD), dST((size_t)KT_BWD * QT_BWD), dSp((size_t)KT_BWD * QT_BWD);
-    std::vector<float> ST((size_t)KT_BWD * QT_BWD), dPT((size_t)KT_BWD * QT_BWD), dQT, delta, lse2;
-    float *dKf = ws.grad[0].get((size_t)L * D), *dVf = ws.grad[1].get((size_t)L * D);  // fp32 sums over groups
-    std::memset(dKf, 0, sizeof(float) * L * D);  // the products add straight into them
-    std::memset(dVf, 0, sizeof(float) * L * D);
+    T *Vt = ws.get<T>(0, (size_t)D * Lt), *dOT = ws.get<T>(1, (size_t)D * Lt), *QT = ws.get<T>(2, (size_t)D * Lt);
+    T *Kp = ws.get<T>(3, (size_t)Le * D), *Kt = probs ? nullptr : ws.get<T>(4, (size_t)D * Lt);
+    pack_transposed<T>(rows_of<T>(v, b, h), v.sl, L, D, Vt, Lt);          // B of dO V^T: (D x L)
+    plain_transposed<T>(rows_of<T>(dout, b, h), dout.sl, L, D, dOT, Lt);  // A of dO^T P: (D x L)
+    plain_transposed<T>(rows_of<T>(q, b, h), q.sl, L, D, QT, Lt);         // A of Q^T dS: (D x L)
+    pack_rows<T>(rows_of<T>(k, b, h), k.sl, L, D, Kp);                    // B of dS K: (L x D)
+    if (!probs) pack_transposed<T>(rows_of<T>(k, b, h), k.sl, L, D, Kt, Lt);  // B of Q K^T: (D x L)
+    alignas(64) float Sb[QT_BWD * KT_BWD], dPb[QT_BWD * KT_BWD];
+    alignas(64) T Pw[QT_BWD * KT_BWD], dSr[QT_BWD * KT_BWD], dSb[QT_BWD * KT_BWD];
+    std::vector<float> dQf((size_t)QT_BWD * D), delta, lse2;
+    float *dKT = ws.grad[0].get((size_t)D * Lt), *dVT = ws.grad[1].get((size_t)D * Lt);  // fp32 sums over groups
+    std::memset(dKT, 0, sizeof(float) * D * Lt);  // the products add straight into them
+    std::memset(dVT, 0, sizeof(float) * D * Lt);
     for (int l = 0; l < L; l++)
       if (!is_query[l])
         for (int d = 0; d < D; d += 16) store16(dq + (base + l) * D + d, zero);
-    for (const Group& g : groups) {
-      int nq = g.q1 - g.q0;
+    for (size_t gi = 0; gi < groups.size(); gi++) {
+      const Group& g = groups[gi];
+      const int nq = g.q1 - g.q0, m = g.keys();
+      const T* gprobs = probs ? probs + per_bh * bh + poff[gi] : nullptr;
       delta.resize(nq);
       lse2.resize(nq);
       for (int i = 0; i < nq; i++) {  // delta_i = sum_d dO_id O_id; lse in base 2
-        lse2[i] = lse[base + g.q0 + i] * LOG2E;
         const T *orow = row_ptr<T>(o, b, h, g.q0 + i), *drow = row_ptr<T>(dout, b, h, g.q0 + i);
         __m512 acc = _mm512_setzero_ps();
         for (int d = 0; d < D; d += 16) acc = _mm512_fmadd_ps(load16(drow + d), load16(orow + d), acc);
         delta[i] = _mm512_reduce_add_ps(acc);
+        lse2[i] = lse[base + g.q0 + i] * LOG2E;
       }
-      const int nqs = padded(nq);
-      dQT.assign((size_t)D * nqs, 0.f);  // dQ^T of the group (D x nq, rows nqs apart)
-      for (auto& r : g.ranges)
-        for (int k0 = r.first; k0 < r.second; k0 += KT_BWD) {
-          int nk = std::min(KT_BWD, r.second - k0);
-          for (int r0 = 0; r0 < nq; r0 += QT_BWD) {
-            int nr = std::min(QT_BWD, nq - r0), qa = g.q0 + r0;
-            gemm<T>(nk, nr, D, row_ptr<T>(k, b, h, k0), k.sl, Qt + (size_t)qa * KS, Lt, ST.data(), nr, false);
-            gemm<T>(nk, nr, D, row_ptr<T>(v, b, h, k0), v.sl, dOt + (size_t)qa * KS, Lt, dPT.data(), nr, false);
-            const __m512 sc = _mm512_set1_ps(scale * LOG2E);
-            // P^T = 2^(scale log2e S^T - log2e lse), dS^T = P^T (dP^T - delta) (the scale is applied to dK and dQ
-            // when they are written out), two key rows at a time; for bf16 also dS^T re-paired
-            // along keys for dQ^T += K^T dS^T: dSp[(c/2)][i][c&1] (nk is a multiple of 16)
-            const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
-                                                   23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-            for (int c = 0; c < nk; c += 2)
-              for (int i = 0; i < nr; i += 16) {
-                const __m512 l = _mm512_loadu_ps(&lse2[r0 + i]), dl = _mm512_loadu_ps(&delta[r0 + i]);
-                __m512 ds[2];
-                for (int u = 0; u < 2; u++) {
-                  const size_t at = (size_t)(c + u) * nr + i;
-                  __m512 p = exp2_16<EXP_DEG<T>>(_mm512_fmsub_ps(_mm512_loadu_ps(&ST[at]), sc, l));
-                  ds[u] = _mm512_mul_ps(p, _mm512_sub_ps(_mm512_loadu_ps(&dPT[at]), dl));
-                  store16(&PT[at], p);
-                  store16(&dST[at], ds[u]);
+      for (int r0 = 0; r0 < nq; r0 += QT_BWD) {
+        const int nr = std::min(QT_BWD, nq - r0), qa = g.q0 + r0;  // nr, qa even
+        float* dQa = dQf.data();
+        int col = 0;
+        bool first = true;
+        for (auto& r : g.ranges) {
+          for (int k0 = r.first; k0 < r.second; k0 += KT_BWD) {
+            const int nk = std::min(KT_BWD, r.second - k0), kc = col + k0 - r.first;  // nk a multiple of 16
+            gemm<T>(nr, nk, D, row_ptr<T>(dout, b, h, qa), dout.sl, Vt + (size_t)k0 * KS, Lt, dPb, nk, false);
+            // P: the kept block (ldp = m) or recomputed into Pw (ldp = nk)
+            const T* Pb = gprobs ? gprobs + (int64_t)r0 * m + (int64_t)kc * KS : Pw;
+            const int ldp = gprobs ? m : nk;
+            if (!gprobs)
+              gemm<T>(nr, nk, D, row_ptr<T>(q, b, h, qa), q.sl, Kt + (size_t)k0 * KS, Lt, Sb, nk, false);
+            const __m512 sl2 = _mm512_set1_ps(scale * LOG2E);
+            for (int i = 0; i < nr; i += KS) {
+              const __m512 l0 = _mm512_set1_ps(lse2[r0 + i]), d0 = _mm512_set1_ps(delta[r0 + i]);
+              if constexpr (KStep<T>::v == 2) {
+                const __m512 l1 = _mm512_set1_ps(lse2[r0 + i + 1]), d1 = _mm512_set1_ps(delta[r0 + i + 1]);
+                for (int c = 0; c < nk; c += 16) {
+                  __m512 p0, p1;
+                  if (gprobs) {  // the two rows' values are the low and high halves of each 32-bit word
+                    __m512i x = _mm512_loadu_si512(Pb + (size_t)i * ldp + 2 * c);
+                    p0 = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+                    p1 = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(int(0xffff0000u))));
+                  } else {
+                    p0 = exp2_16<EXP_DEG<T>>(_mm512_fmsub_ps(_mm512_loadu_ps(&Sb[(size_t)i * nk + c]), sl2, l0));
+                    p1 = exp2_16<EXP_DEG<T>>(_mm512_fmsub_ps(_mm512_loadu_ps(&Sb[(size_t)(i + 1) * nk + c]), sl2, l1));
+                    _mm512_storeu_si512(&Pw[(size_t)i * nk + 2 * c], interleave_bf16(p0, p1));
+                  }
+                  __m512 s0 = _mm512_mul_ps(p0, _mm512_sub_ps(_mm512_loadu_ps(&dPb[(size_t)i * nk + c]), d0));
+                  __m512 s1 = _mm512_mul_ps(p1, _mm512_sub_ps(_mm512_loadu_ps(&dPb[(size_t)(i + 1) * nk + c]), d1));
+                  store16(&dSr[(size_t)i * nk + c], s0);
+                  store16(&dSr[(size_t)(i + 1) * nk + c], s1);
+                  _mm512_storeu_si512(&dSb[(size_t)i * nk + 2 * c], interleave_bf16(s0, s1));
                 }
-                if constexpr (KStep<T>::v == 2) {
-                  __m512i ab = _mm512_inserti64x4(_mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(ds[0])),
-                                                  (__m256i)_mm512_cvtneps_pbh(ds[1]), 1);
-                  _mm512_storeu_si512(&dSp[((size_t)(c / 2) * nr + i) * 2], _mm512_permutexvar_epi16(pairs, ab));
+              } else {
+                for (int c = 0; c < nk; c += 16) {
+                  __m512 p0;
+                  if (gprobs) {
+                    p0 = load16(Pb + (size_t)i * ldp + c);
+                  } else {
+                    p0 = exp2_16<EXP_DEG<T>>(_mm512_fmsub_ps(_mm512_loadu_ps(&Sb[(size_t)i * nk + c]), sl2, l0));
+                    store16(&Pw[(size_t)i * nk + c], p0);
+                  }
+                  store16(&dSr[(size_t)i * nk + c],
+                          _mm512_mul_ps(p0, _mm512_sub_ps(_mm512_loadu_ps(&dPb[(size_t)i * nk + c]), d0)));
                 }
               }
-            const T* dsb = KStep<T>::v == 2 ? dSp.data() : dST.data();
-            gemm<T>(nk, D, nr, PT.data(), nr, dOp + (size_t)qa * D, D, dVf + (size_t)k0 * D, D, true);  // dV += P^T dO
-            gemm<T>(nk, D, nr, dST.data(), nr, Qp + (size_t)qa * D, D, dKf + (size_t)k0 * D, D, true);  // dK += dS^T Q
-            gemm<T>(D, nr, nk, KT + k0, Lt, dsb, nr, dQT.data() + r0, nqs, true);                 // dQ^T += K^T dS^T
+            }
+            const T* dsb = KStep<T>::v == 2 ? dSb : dSr;  // fp32: row-major is the B layout
+            gemm<T>(D, nk, nr, dOT + qa, Lt, Pb, ldp, dVT + k0, Lt, true);       // dV^T += dO^T P
+            gemm<T>(D, nk, nr, QT + qa, Lt, dsb, nk, dKT + k0, Lt, true);        // dK^T += Q^T dS
+            gemm<T>(nr, D, nk, dSr, nk, Kp + (size_t)k0 * D, D, dQa, D, !first);  // dQ += dS K
+            first = false;
           }
+          col += r.second - r.first;
         }
-      alignas(64) float row[1024];
-      const __m512 sc = _mm512_set1_ps(scale);
-      for (int i = 0; i < nq; i++) {  // scale dQ^T -> dq rows (every query is in one group)
-        for (int d = 0; d < D; d++) row[d] = dQT[(size_t)d * nqs + i];
-        for (int d = 0; d < D; d += 16)
-          store16(dq + (base + g.q0 + i) * D + d, _mm512_mul_ps(_mm512_load_ps(row + d), sc));
+        for (int i = 0; i < nr; i++)  // scale dQ -> dq rows (every query is in one group)
+          for (int d = 0; d < D; d += 16)
+            store16(dq + (base + qa + i) * D + d, _mm512_mul_ps(_mm512_loadu_ps(&dQa[(size_t)i * D + d]), sc));
       }
     }
-    const __m512 sc = _mm512_set1_ps(scale);
-    for (int l = 0; l < L; l++)
-      for (int d = 0; d < D; d += 16) {
-        store16(dk + (base + l) * D + d, _mm512_mul_ps(_mm512_loadu_ps(dKf + (size_t)l * D + d), sc));
-        store16(dv + (base + l) * D + d, _mm512_loadu_ps(dVf + (size_t)l * D + d));
+    // dK^T, dV^T (D x L) -> dk (times the scale), dv rows
+    const int l16 = L / 16 * 16;
+    __m512i tr[16];
+    for (int l0 = 0; l0 < l16; l0 += 16)
+      for (int d0 = 0; d0 < D; d0 += 16) {
+        transpose16(reinterpret_cast<const int32_t*>(dKT + (size_t)d0 * Lt + l0), Lt, tr);
+        for (int j = 0; j < 16; j++) store16(dk + (base + l0 + j) * D + d0, _mm512_mul_ps(_mm512_castsi512_ps(tr[j]), sc));
+        transpose16(reinterpret_cast<const int32_t*>(dVT + (size_t)d0 * Lt + l0), Lt, tr);
+        for (int j = 0; j < 16; j++) store16(dv + (base + l0 + j) * D + d0, _mm512_castsi512_ps(tr[j]));
       }
+    alignas(64) float rk[1024], rv[1024];
+    for (int l = l16; l < L; l++) {
+      for (int d = 0; d < D; d++) rk[d] = dKT[(size_t)d * Lt + l] * scale, rv[d] = dVT[(size_t)d * Lt + l];
+      for (int d = 0; d < D; d += 16) {
+        store16(dk + (base + l) * D + d, _mm512_load_ps(rk + d));
+        store16(dv + (base + l) * D + d, _mm512_load_ps(rv + d));
+      }
+    }
   });
 }
 
@@ -522,23 +598,27 @@ Tensor4 t4(const void* p, const int64_t* s) { return Tensor4{static_cast<const c
 // q0, q1, number of ranges, then (start, end) per range. Returns what `check` returns.
 extern "C" int block_attention_forward(int dtype, int B, int H, int L, int Lk, int D, const void* q, const int64_t* qs,
                                        const void* k, const int64_t* ks, const void* v, const int64_t* vs, void* o,
-                                       const int64_t* os, float* lse, const int32_t* groups, int ngroups, float scale,
-                                       int nthreads) {
+                                       const int64_t* os, float* lse, void* probs, const int32_t* groups, int ngroups,
+                                       float scale, int nthreads) {
   auto gs = parse_groups(groups, ngroups, L, Lk);
   if (int rc = check(dtype, D, std::min(L, Lk), gs, ngroups, {qs, ks, vs, os})) return rc;
+  if (probs && Lk != L) return -1;
   std::lock_guard<std::mutex> hold(call_lock);
   nthreads = std::max(1, std::min(nthreads, MAX_THREADS));
   if (dtype == 0)
-    forward<float>(B, H, D, t4(q, qs), t4(k, ks), t4(v, vs), t4(o, os), lse, L, Lk, gs, scale, nthreads);
+    forward<float>(B, H, D, t4(q, qs), t4(k, ks), t4(v, vs), t4(o, os), lse, static_cast<float*>(probs), L, Lk, gs,
+                   scale, nthreads);
   else
-    forward<bf16>(B, H, D, t4(q, qs), t4(k, ks), t4(v, vs), t4(o, os), lse, L, Lk, gs, scale, nthreads);
+    forward<bf16>(B, H, D, t4(q, qs), t4(k, ks), t4(v, vs), t4(o, os), lse, static_cast<bf16*>(probs), L, Lk, gs,
+                  scale, nthreads);
+  _mm_sfence();  // the streamed stores of the kept probabilities
   return 0;
 }
 
 extern "C" int block_attention_backward(int dtype, int B, int H, int L, int D, const void* q, const int64_t* qs,
                                         const void* k, const int64_t* ks, const void* v, const int64_t* vs,
                                         const void* o, const int64_t* os, const void* dout, const int64_t* dos,
-                                        const float* lse, void* dq, void* dk, void* dv, int grad_dtype,
+                                        const float* lse, const void* probs, void* dq, void* dk, void* dv, int grad_dtype,
                                         const int32_t* groups, int ngroups, float scale, int nthreads) {
   auto gs = parse_groups(groups, ngroups, L, L);
   if (int rc = check(dtype, D, L, gs, ngroups, {qs, ks, vs, os, dos})) return rc;
@@ -549,7 +629,7 @@ extern "C" int block_attention_backward(int dtype, int B, int H, int L, int D, c
     using T = decltype(t);
     using G = decltype(g);
     backward<T, G>(B, H, D, t4(q, qs), t4(k, ks), t4(v, vs), t4(o, os), t4(dout, dos), lse, static_cast<G*>(dq),
-                   static_cast<G*>(dk), static_cast<G*>(dv), L, gs, scale, nthreads);
+                   static_cast<G*>(dk), static_cast<G*>(dv), static_cast<const T*>(probs), L, gs, scale, nthreads);
   };
   if (dtype == 0)
     run(float(), float());
