@@ -103,6 +103,33 @@ def test_probabilities_are_kept_for_training_only_and_within_the_memory_limit(mo
     assert seen == [allowed, None, None, None]
 
 
+def test_probability_buffers_are_reused_only_once_their_graph_is_freed(monkeypatch):
+    lay = pack(LAYOUTS["16x64"], PackSpec()).layout
+    B, L, H, D = lay.shape[0], lay.shape[1], 2, 64
+    ptrs = []
+    real = block_kernel.forward
+
+    def spy(q, k, v, out, groups, probs=None):
+        ptrs.append(probs.data_ptr())
+        return real(q, k, v, out, groups, probs)
+    monkeypatch.setattr(block_kernel, "forward", spy)
+    monkeypatch.setattr(attention, "_POOL", {})
+    q, k, v = qkv(B, H, L, D, torch.bfloat16, seed=0)
+    ctx = lambda: AttnContext(lay, None, None, "block")  # noqa: E731
+    first, second = attend(q, k, v, ctx()), attend(q, k, v, ctx())  # two graphs alive: two buffers
+    assert ptrs[0] != ptrs[1]
+    grads = torch.autograd.grad(first.float().square().sum(), (q, k, v), retain_graph=True)
+    attend(q, k, v, ctx())  # the first graph is still alive (retained): its buffer is not reused
+    assert ptrs[2] not in ptrs[:2]
+    again = torch.autograd.grad(first.float().square().sum(), (q, k, v))  # reads the kept probabilities again
+    for a, b in zip(grads, again):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    del first, again
+    attend(q, k, v, ctx())  # now the first graph's buffer (or the third's, freed at once) is free
+    assert ptrs[3] in (ptrs[0], ptrs[2])
+    del second
+
+
 def test_kernel_rejects_groups_it_cannot_pack():
     """Groups whose sizes are not multiples of 16 are left to ATen's kernels; given to the kernel
     directly, they are refused with an error, not computed wrong."""

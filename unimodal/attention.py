@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +35,29 @@ LOW_BWD_MIN_QUERIES = 128
 # then skips Q K^T and the exponentials: about 12% faster here) when they take at most this many MiB per
 # call; more, or UNIMODAL_KEEP_PROBS_MIB=0, and the backward recomputes them (FlashAttention's memory).
 KEEP_PROBS_MIB = int(os.environ.get("UNIMODAL_KEEP_PROBS_MIB", "1024"))
+POOL_MIB = 4096  # freed probability buffers kept for reuse (fresh memory costs page faults each step)
+_POOL: dict = {}  # (numel, dtype) -> free buffers
+_pooled = [0]  # bytes in _POOL
+
+
+def _probs_buffer(n: int, dtype: torch.dtype) -> Tensor:
+    """An n-element buffer; its memory goes back to the pool when the returned tensor is freed (by
+    autograd, after the backward or with the graph)."""
+    free = _POOL.get((n, dtype))
+    if free:
+        base = free.pop()
+        _pooled[0] -= base.nbytes
+    else:
+        base = torch.empty(n, dtype=dtype)
+    buf = base.view(n)
+    weakref.finalize(buf, _give_back, base)
+    return buf
+
+
+def _give_back(base: Tensor) -> None:
+    if _pooled[0] + base.nbytes <= POOL_MIB * 2 ** 20:
+        _POOL.setdefault((base.numel(), base.dtype), []).append(base)
+        _pooled[0] += base.nbytes
 
 
 # ----------------------------------------------------------------------------- RoPE-ND
@@ -389,7 +413,7 @@ class _BlockSDPA(torch.autograd.Function):
         if fused and grad and any(ctx.needs_input_grad[:3]):
             n = block_kernel.probs_numel(B, H, fused)
             if n * q.element_size() <= KEEP_PROBS_MIB * 2 ** 20:
-                probs = q.new_empty(n)
+                probs = _probs_buffer(n, q.dtype)
         lse_fused = block_kernel.forward(q, k, v, out, fused, probs) if fused else None  # (B, H, L) on fused rows
         saved = []
         for g in rest:
@@ -402,14 +426,16 @@ class _BlockSDPA(torch.autograd.Function):
             out[:, :, g.q0:g.q1] = o  # (B, H, n, D)
             saved.append((lse, mask))
         ctx.groups, ctx.saved, ctx.fused = rest, saved, fused
-        ctx.save_for_backward(q, k, v, out, lse_fused, probs)
+        ctx.save_for_backward(q, k, v, out, lse_fused)
+        ctx.probs = probs  # an attribute, not saved: the tensor object lives as long as the graph needs it
         return out
 
     @staticmethod
     def backward(ctx, dout: Tensor):
         bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
         dtype = dout.dtype
-        q, k, v, out, lse_fused, probs = ctx.saved_tensors
+        q, k, v, out, lse_fused = ctx.saved_tensors
+        probs = ctx.probs
         if ctx.fused and not ctx.groups:  # the kernel alone: gradients straight in the inputs' dtype
             return (*block_kernel.backward(q, k, v, out, dout, lse_fused, ctx.fused, dtype, probs), None, None)
         if ctx.fused:  # fp32 accumulators, started by the kernel

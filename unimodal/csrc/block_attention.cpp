@@ -406,18 +406,30 @@ void forward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, fl
       for (int i = 0; i < nr; i++) {
         float* s = &S[(size_t)i * ms];
         T* p = &P[(size_t)i * ms];
-        __m512 mx = _mm512_set1_ps(-INFINITY);
-        for (int c = 0; c < m; c += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + c));
-        float mxs = _mm512_reduce_max_ps(mx);
+        // two independent chains each: the loops are bound by latency otherwise (m is a multiple of 16)
+        __m512 mx0 = _mm512_set1_ps(-INFINITY), mx1 = mx0;
+        int c = 0;
+        for (; c + 32 <= m; c += 32) {
+          mx0 = _mm512_max_ps(mx0, _mm512_loadu_ps(s + c));
+          mx1 = _mm512_max_ps(mx1, _mm512_loadu_ps(s + c + 16));
+        }
+        if (c < m) mx0 = _mm512_max_ps(mx0, _mm512_loadu_ps(s + c));
+        float mxs = _mm512_reduce_max_ps(_mm512_max_ps(mx0, mx1));
         const float sl2 = scale * LOG2E;  // e^(scale (s - max)) = 2^(sl2 s - sl2 max)
-        __m512 shift = _mm512_set1_ps(-mxs * sl2), sc = _mm512_set1_ps(sl2), sum = _mm512_setzero_ps();
-        for (int c = 0; c < m; c += 16) {
+        const __m512 shift = _mm512_set1_ps(-mxs * sl2), sc = _mm512_set1_ps(sl2);
+        __m512 sum0 = _mm512_setzero_ps(), sum1 = sum0;
+        auto exp_at = [&](int c) {
           __m512 e = exp2_16<EXP_DEG<T>>(_mm512_fmadd_ps(_mm512_loadu_ps(s + c), sc, shift));
-          sum = _mm512_add_ps(sum, e);
           store16(p + c, e);
           if (probs) _mm512_storeu_ps(s + c, e);
+          return e;
+        };
+        for (c = 0; c + 32 <= m; c += 32) {
+          sum0 = _mm512_add_ps(sum0, exp_at(c));
+          sum1 = _mm512_add_ps(sum1, exp_at(c + 16));
         }
-        rowsum[i] = _mm512_reduce_add_ps(sum);
+        if (c < m) sum0 = _mm512_add_ps(sum0, exp_at(c));
+        rowsum[i] = _mm512_reduce_add_ps(_mm512_add_ps(sum0, sum1));
         lse[((int64_t)b * H + h) * L + r0 + i] = mxs * scale + std::log(rowsum[i]);
       }
       if (probs) {  // normalised P into the kept probabilities: whole cache lines, in order, not through the cache
@@ -514,10 +526,16 @@ void backward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, T
         for (auto& r : g.ranges) {
           for (int k0 = r.first; k0 < r.second; k0 += KT_BWD) {
             const int nk = std::min(KT_BWD, r.second - k0), kc = col + k0 - r.first;  // nk a multiple of 16
-            gemm<T>(nr, nk, D, row_ptr<T>(dout, b, h, qa), dout.sl, Vt + (size_t)k0 * KS, Lt, dPb, nk, false);
-            // P: the kept block (ldp = m) or recomputed into Pw (ldp = nk)
+            // P: the kept block (ldp = m) or recomputed into Pw. The kept block is fetched ahead: a query tile's
+            // first key tile while dP is computed, each next one while the one before is worked on.
             const T* Pb = gprobs ? gprobs + (int64_t)r0 * m + (int64_t)kc * KS : Pw;
             const int ldp = gprobs ? m : nk;
+            const bool ahead = gprobs && kc + nk < m;  // the next key tile: the next columns of the same rows
+            if (gprobs && first)
+              for (int i = 0; i < nr; i += KS)
+                for (int c = 0; c < nk * KS; c += 64 / sizeof(T))
+                  _mm_prefetch(reinterpret_cast<const char*>(Pb + (size_t)i * ldp + c), _MM_HINT_T0);
+            gemm<T>(nr, nk, D, row_ptr<T>(dout, b, h, qa), dout.sl, Vt + (size_t)k0 * KS, Lt, dPb, nk, false);
             if (!gprobs)
               gemm<T>(nr, nk, D, row_ptr<T>(q, b, h, qa), q.sl, Kt + (size_t)k0 * KS, Lt, Sb, nk, false);
             const __m512 sl2 = _mm512_set1_ps(scale * LOG2E);
@@ -528,6 +546,7 @@ void backward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, T
                 for (int c = 0; c < nk; c += 16) {
                   __m512 p0, p1;
                   if (gprobs) {  // the two rows' values are the low and high halves of each 32-bit word
+                    if (ahead) _mm_prefetch(reinterpret_cast<const char*>(Pb + (size_t)i * ldp + 2 * (c + nk)), _MM_HINT_T0);
                     __m512i x = _mm512_loadu_si512(Pb + (size_t)i * ldp + 2 * c);
                     p0 = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
                     p1 = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(int(0xffff0000u))));
@@ -546,6 +565,7 @@ void backward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, T
                 for (int c = 0; c < nk; c += 16) {
                   __m512 p0;
                   if (gprobs) {
+                    if (ahead) _mm_prefetch(reinterpret_cast<const char*>(Pb + (size_t)i * ldp + c + nk), _MM_HINT_T0);
                     p0 = load16(Pb + (size_t)i * ldp + c);
                   } else {
                     p0 = exp2_16<EXP_DEG<T>>(_mm512_fmsub_ps(_mm512_loadu_ps(&Sb[(size_t)i * nk + c]), sl2, l0));
