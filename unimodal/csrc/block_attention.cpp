@@ -466,6 +466,24 @@ void forward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, fl
 }
 
 // ---------------------------------------------------------------- backward
+
+// Prefetches the cache lines of a block (rows `stride` bytes apart, `lines` lines each) one per step().
+struct Ahead {
+  const char* p = nullptr;
+  int64_t stride = 0;
+  int rows = 0, lines = 0, r = 0, l = 0;
+  Ahead() = default;
+  Ahead(const void* p_, int64_t stride_, int rows_, int lines_)
+      : p(static_cast<const char*>(p_)), stride(stride_), rows(rows_), lines(lines_) {}
+  void step() {
+    if (r >= rows) return;
+    _mm_prefetch(p + r * stride + 64 * l, _MM_HINT_T0);
+    if (++l == lines) l = 0, ++r;
+  }
+  void rest() {
+    while (r < rows) step();
+  }
+};
 // Per (batch, head), group, tile of queries (rows) and tile of keys: dP = dO V^T; P from the kept
 // probabilities, or recomputed (S = Q K^T, P = exp(scale S - lse)); dS = P (dP - delta);
 // dV^T += dO^T P and dK^T += Q^T dS (fp32 sums D x L over all groups), dQ += dS K (fp32, per query tile).
@@ -513,6 +531,11 @@ void backward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, T
       lse2.resize(nq);
       for (int i = 0; i < nq; i++) {  // delta_i = sum_d dO_id O_id; lse in base 2
         const T *orow = row_ptr<T>(o, b, h, g.q0 + i), *drow = row_ptr<T>(dout, b, h, g.q0 + i);
+        if (i + 8 < nq)  // rows ahead (strided in memory: the hardware prefetcher does not run ahead of them)
+          for (int d = 0; d < D; d += 64 / sizeof(T)) {
+            _mm_prefetch(reinterpret_cast<const char*>(orow + 8 * o.sl + d), _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(drow + 8 * dout.sl + d), _MM_HINT_T0);
+          }
         __m512 acc = _mm512_setzero_ps();
         for (int d = 0; d < D; d += 16) acc = _mm512_fmadd_ps(load16(drow + d), load16(orow + d), acc);
         delta[i] = _mm512_reduce_add_ps(acc);
@@ -526,15 +549,25 @@ void backward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, T
         for (auto& r : g.ranges) {
           for (int k0 = r.first; k0 < r.second; k0 += KT_BWD) {
             const int nk = std::min(KT_BWD, r.second - k0), kc = col + k0 - r.first;  // nk a multiple of 16
-            // P: the kept block (ldp = m) or recomputed into Pw. The kept block is fetched ahead: a query tile's
-            // first key tile while dP is computed, each next one while the one before is worked on.
+            // P: the kept block (ldp = m) or recomputed into Pw. Kept blocks are fetched one tile ahead (rows
+            // KS query rows, 4 ldp bytes apart; nk / 16 lines each); the task's first one before its dP.
             const T* Pb = gprobs ? gprobs + (int64_t)r0 * m + (int64_t)kc * KS : Pw;
             const int ldp = gprobs ? m : nk;
-            const bool ahead = gprobs && kc + nk < m;  // the next key tile: the next columns of the same rows
-            if (gprobs && first)
-              for (int i = 0; i < nr; i += KS)
-                for (int c = 0; c < nk * KS; c += 64 / sizeof(T))
-                  _mm_prefetch(reinterpret_cast<const char*>(Pb + (size_t)i * ldp + c), _MM_HINT_T0);
+            Ahead ahead;
+            if (gprobs) {
+              if (gi == 0 && r0 == 0 && kc == 0) Ahead(Pb, 4 * (int64_t)ldp, nr / KS, nk / 16).rest();
+              if (kc + nk < m) {  // the next key tile: the next columns of the same rows
+                ahead = Ahead(Pb + (size_t)nk * KS, 4 * (int64_t)ldp, nr / KS, std::min(KT_BWD, m - kc - nk) / 16);
+              } else if (r0 + QT_BWD < nq) {  // the next query tile's first
+                ahead = Ahead(gprobs + (int64_t)(r0 + QT_BWD) * m, 4 * (int64_t)m, std::min(QT_BWD, nq - r0 - QT_BWD) / KS,
+                              std::min(KT_BWD, g.ranges[0].second - g.ranges[0].first) / 16);
+              } else if (gi + 1 < groups.size()) {  // the next group's first
+                const Group& n = groups[gi + 1];
+                const int mn = n.keys();
+                ahead = Ahead(probs + per_bh * bh + poff[gi + 1], 4 * (int64_t)mn, std::min(QT_BWD, n.q1 - n.q0) / KS,
+                              std::min(KT_BWD, n.ranges[0].second - n.ranges[0].first) / 16);
+              }
+            }
             gemm<T>(nr, nk, D, row_ptr<T>(dout, b, h, qa), dout.sl, Vt + (size_t)k0 * KS, Lt, dPb, nk, false);
             if (!gprobs)
               gemm<T>(nr, nk, D, row_ptr<T>(q, b, h, qa), q.sl, Kt + (size_t)k0 * KS, Lt, Sb, nk, false);
@@ -546,7 +579,7 @@ void backward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, T
                 for (int c = 0; c < nk; c += 16) {
                   __m512 p0, p1;
                   if (gprobs) {  // the two rows' values are the low and high halves of each 32-bit word
-                    if (ahead) _mm_prefetch(reinterpret_cast<const char*>(Pb + (size_t)i * ldp + 2 * (c + nk)), _MM_HINT_T0);
+                    ahead.step();
                     __m512i x = _mm512_loadu_si512(Pb + (size_t)i * ldp + 2 * c);
                     p0 = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
                     p1 = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(int(0xffff0000u))));
@@ -565,7 +598,7 @@ void backward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, T
                 for (int c = 0; c < nk; c += 16) {
                   __m512 p0;
                   if (gprobs) {
-                    if (ahead) _mm_prefetch(reinterpret_cast<const char*>(Pb + (size_t)i * ldp + c + nk), _MM_HINT_T0);
+                    ahead.step();
                     p0 = load16(Pb + (size_t)i * ldp + c);
                   } else {
                     p0 = exp2_16<EXP_DEG<T>>(_mm512_fmsub_ps(_mm512_loadu_ps(&Sb[(size_t)i * nk + c]), sl2, l0));
@@ -576,6 +609,7 @@ void backward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, T
                 }
               }
             }
+            ahead.rest();
             const T* dsb = KStep<T>::v == 2 ? dSb : dSr;  // fp32: row-major is the B layout
             gemm<T>(D, nk, nr, dOT + qa, Lt, Pb, ldp, dVT + k0, Lt, true);       // dV^T += dO^T P
             gemm<T>(D, nk, nr, QT + qa, Lt, dsb, nk, dKT + k0, Lt, true);        // dK^T += Q^T dS
