@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import os
-import weakref
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -35,29 +35,23 @@ LOW_BWD_MIN_QUERIES = 128
 # then skips Q K^T and the exponentials: about 12% faster here) when they take at most this many MiB per
 # call; more, or UNIMODAL_KEEP_PROBS_MIB=0, and the backward recomputes them (FlashAttention's memory).
 KEEP_PROBS_MIB = int(os.environ.get("UNIMODAL_KEEP_PROBS_MIB", "1024"))
-POOL_MIB = 4096  # freed probability buffers kept for reuse (fresh memory costs page faults each step)
-_POOL: dict = {}  # (numel, dtype) -> free buffers
+POOL_MIB = 4096  # probability buffers kept for reuse (fresh memory costs page faults every step)
+_POOL: dict = {}  # (numel, dtype) -> buffers
 _pooled = [0]  # bytes in _POOL
 
 
 def _probs_buffer(n: int, dtype: torch.dtype) -> Tensor:
-    """An n-element buffer; its memory goes back to the pool when the returned tensor is freed (by
-    autograd, after the backward or with the graph)."""
-    free = _POOL.get((n, dtype))
-    if free:
-        base = free.pop()
-        _pooled[0] -= base.nbytes
-    else:
-        base = torch.empty(n, dtype=dtype)
-    buf = base.view(n)
-    weakref.finalize(buf, _give_back, base)
+    """An n-element buffer: a pooled one that nothing else references any more (the autograd graph that
+    held it is freed), else a new one, pooled while the pool is under POOL_MIB."""
+    bufs = _POOL.setdefault((n, dtype), [])
+    for buf in bufs:
+        if sys.getrefcount(buf) == 3:  # the list, `buf` and getrefcount's argument: free
+            return buf
+    buf = torch.empty(n, dtype=dtype)
+    if _pooled[0] + buf.nbytes <= POOL_MIB * 2 ** 20:
+        bufs.append(buf)
+        _pooled[0] += buf.nbytes
     return buf
-
-
-def _give_back(base: Tensor) -> None:
-    if _pooled[0] + base.nbytes <= POOL_MIB * 2 ** 20:
-        _POOL.setdefault((base.numel(), base.dtype), []).append(base)
-        _pooled[0] += base.nbytes
 
 
 # ----------------------------------------------------------------------------- RoPE-ND
