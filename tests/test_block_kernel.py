@@ -79,8 +79,9 @@ def test_kernel_matches_naive_attention_and_aten(name, dtype, D, keep, monkeypat
 
 
 def test_probabilities_are_kept_for_training_only_and_within_the_memory_limit(monkeypatch):
-    """The forward keeps the probabilities (one per allowed pair) when gradients will be taken and they fit
-    KEEP_PROBS_MIB; not under no_grad, not for inputs without grad, not above the limit."""
+    """The forward keeps the probabilities (one per allowed pair) when gradients will be taken and the
+    probabilities held by live graphs stay within KEEP_PROBS_MIB; not under no_grad, not for inputs
+    without grad, not past the limit."""
     lay = pack(LAYOUTS["16x64"], PackSpec()).layout
     B, L, H, D = lay.shape[0], lay.shape[1], 2, 64
     seen = []
@@ -100,7 +101,12 @@ def test_probabilities_are_kept_for_training_only_and_within_the_memory_limit(mo
     assert allowed * 2 > 2 * 2 ** 20  # bf16 probabilities over 2 MiB: a limit 1 MiB under them refuses them
     monkeypatch.setattr(attention, "KEEP_PROBS_MIB", allowed * 2 // 2 ** 20 - 1)
     attend(q, k, v, ctx())
-    assert seen == [allowed, None, None, None]
+    monkeypatch.setattr(attention, "KEEP_PROBS_MIB", allowed * 3 // 2 ** 20)  # room for one call's, not two
+    held = attend(q, k, v, ctx())  # its graph holds its probabilities
+    attend(q, k, v, ctx())
+    del held
+    attend(q, k, v, ctx())
+    assert seen == [allowed, None, None, None, allowed, None, allowed]
 
 
 def test_probability_buffers_are_reused_only_once_their_graph_is_freed(monkeypatch):

@@ -31,26 +31,36 @@ MAX_BLOCK_GROUPS = 96  # above this many query groups per row the block path fal
 # The CPU backward kernel in bf16 beats the fp32 one (1.1-1.3x) from about 128 queries per call and
 # loses below (0.5x at 16): smaller groups of a bf16 block path take the fp32 kernel (measured here).
 LOW_BWD_MIN_QUERIES = 128
-# The own kernel's forward keeps the attention probabilities of the allowed pairs for its backward (which
-# then skips Q K^T and the exponentials: about 12% faster here) when they take at most this many MiB per
-# call; more, or UNIMODAL_KEEP_PROBS_MIB=0, and the backward recomputes them (FlashAttention's memory).
-KEEP_PROBS_MIB = int(os.environ.get("UNIMODAL_KEEP_PROBS_MIB", "1024"))
-POOL_MIB = 4096  # probability buffers kept for reuse (fresh memory costs page faults every step)
-_POOL: dict = {}  # (numel, dtype) -> buffers
-_pooled = [0]  # bytes in _POOL
+# The own kernel's forward keeps the attention probabilities of the allowed pairs (2 bytes each in bf16)
+# for its backward, which then skips Q K^T and the exponentials (about 12% faster here), as long as the
+# probabilities held for the backward stay under this many MiB in all; past it, or with
+# UNIMODAL_KEEP_PROBS_MIB=0, the backward recomputes them (FlashAttention's memory).
+KEEP_PROBS_MIB = int(os.environ.get("UNIMODAL_KEEP_PROBS_MIB", "2048"))
+_POOL: dict = {}  # (numel, dtype) -> buffers, held by a graph or free (fresh memory costs page faults)
 
 
-def _probs_buffer(n: int, dtype: torch.dtype) -> Tensor:
-    """An n-element buffer: a pooled one that nothing else references any more (the autograd graph that
-    held it is freed), else a new one, pooled while the pool is under POOL_MIB."""
-    bufs = _POOL.setdefault((n, dtype), [])
-    for buf in bufs:
-        if sys.getrefcount(buf) == 3:  # the list, `buf` and getrefcount's argument: free
-            return buf
+def _probs_buffer(n: int, dtype: torch.dtype) -> Tensor | None:
+    """A buffer for n probabilities, reused once the autograd graph that held it is freed; None when
+    keeping them would pass KEEP_PROBS_MIB held by live graphs."""
+    need, limit = n * torch.finfo(dtype).bits // 8, KEEP_PROBS_MIB * 2 ** 20
+    held = pooled = 0
+    free = None
+    for key, bufs in _POOL.items():
+        for buf in bufs:
+            pooled += buf.nbytes
+            if sys.getrefcount(buf) > 3:  # more than the list, `buf` and getrefcount's argument: held
+                held += buf.nbytes
+            elif free is None and key == (n, dtype):
+                free = buf
+    if held + need > limit:
+        return None
+    if free is not None:
+        return free
+    if pooled + need > 2 * limit:  # free buffers of other sizes go first
+        for bufs in _POOL.values():
+            bufs[:] = [b for b in bufs if sys.getrefcount(b) > 3]
     buf = torch.empty(n, dtype=dtype)
-    if _pooled[0] + buf.nbytes <= POOL_MIB * 2 ** 20:
-        bufs.append(buf)
-        _pooled[0] += buf.nbytes
+    _POOL.setdefault((n, dtype), []).append(buf)
     return buf
 
 
@@ -405,9 +415,7 @@ class _BlockSDPA(torch.autograd.Function):
         fused, rest = _kernel_split(q, groups)
         probs = None  # the fused groups' probabilities, kept for the backward
         if fused and grad and any(ctx.needs_input_grad[:3]):
-            n = block_kernel.probs_numel(B, H, fused)
-            if n * q.element_size() <= KEEP_PROBS_MIB * 2 ** 20:
-                probs = _probs_buffer(n, q.dtype)
+            probs = _probs_buffer(block_kernel.probs_numel(B, H, fused), q.dtype)
         lse_fused = block_kernel.forward(q, k, v, out, fused, probs) if fused else None  # (B, H, L) on fused rows
         saved = []
         for g in rest:
