@@ -109,6 +109,17 @@ def test_probabilities_are_kept_for_training_only_and_within_the_memory_limit(mo
     assert seen == [allowed, None, None, None, allowed, None, allowed]
 
 
+def test_kept_probabilities_are_checked():
+    lay = pack(LAYOUTS["16x64"], PackSpec()).layout
+    groups = masks.query_groups(lay.row(0))
+    q, k, v = (t.detach() for t in qkv(1, 2, lay.shape[1], 64, torch.bfloat16, seed=0))
+    n = block_kernel.probs_numel(1, 2, groups)
+    for bad in (torch.empty(n - 1, dtype=torch.bfloat16), torch.empty(n, dtype=torch.float32),
+                torch.empty(n + 1, dtype=torch.bfloat16)[1:]):  # short, wrong dtype, off a 64-byte boundary
+        with pytest.raises(ValueError, match="probs"):
+            block_kernel.forward(q, k, v, torch.empty_like(q), groups, bad)
+
+
 def test_probability_buffers_are_reused_only_once_their_graph_is_freed(monkeypatch):
     lay = pack(LAYOUTS["16x64"], PackSpec()).layout
     B, L, H, D = lay.shape[0], lay.shape[1], 2, 64

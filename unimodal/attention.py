@@ -32,7 +32,7 @@ MAX_BLOCK_GROUPS = 96  # above this many query groups per row the block path fal
 # loses below (0.5x at 16): smaller groups of a bf16 block path take the fp32 kernel (measured here).
 LOW_BWD_MIN_QUERIES = 128
 # The own kernel's forward keeps the attention probabilities of the allowed pairs (2 bytes each in bf16)
-# for its backward, which then skips Q K^T and the exponentials (about 12% faster here), as long as the
+# for its backward, which then skips Q K^T and the exponentials (about 15% faster here), as long as the
 # probabilities held for the backward stay under this many MiB in all; past it, or with
 # UNIMODAL_KEEP_PROBS_MIB=0, the backward recomputes them (FlashAttention's memory).
 KEEP_PROBS_MIB = int(os.environ.get("UNIMODAL_KEEP_PROBS_MIB", "2048"))

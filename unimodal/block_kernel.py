@@ -198,9 +198,10 @@ def _check_probs(probs: Tensor | None, q: Tensor, groups) -> None:
     if probs is None:
         return
     want = probs_numel(q.shape[0], q.shape[1], groups)
-    if probs.dtype != q.dtype or not probs.is_contiguous() or probs.numel() != want:
+    if probs.dtype != q.dtype or not probs.is_contiguous() or probs.numel() != want or probs.data_ptr() % 64:
         raise ValueError(f"block kernel: probs must be a contiguous {q.dtype} tensor of {want} elements "
-                         f"(probs_numel), not {probs.dtype} {tuple(probs.shape)}")
+                         f"(probs_numel) starting on a 64-byte boundary (it is written with streaming stores), "
+                         f"not {probs.dtype} {tuple(probs.shape)} at {probs.data_ptr():#x}")
 
 
 def _raise_on(rc: int, q: Tensor, groups) -> None:

@@ -1,12 +1,13 @@
 // Fused block-structured attention for x86-64 CPUs with AVX-512 (fp32) and AVX512-BF16 (bf16).
 //
 // A row of queries is cut into query groups; group g has the queries [q0, q1) and sees exactly the keys
-// of its ranges (the union of the ranges, every pair allowed). K and V (forward), Q, dO and K (backward)
-// are packed once per (batch, head) into the layouts the GEMM micro-kernels read. Forward, per (batch,
-// head, group) and tile of query rows: S = Q K^T over the group's ranges (fp32 accumulation), the
-// softmax in fp32, O = P V. Backward (FlashAttention-2 order), per (batch, head), group, tile of keys and
-// tile of queries: S, P = exp(scale S - lse), dP = dO V^T, dS = P (dP - delta); dV += P^T dO,
-// dK += dS^T Q, dQ += dS K, accumulated in fp32 (dK and dQ times the scale when written out).
+// of its ranges (the union of the ranges, every pair allowed). The operands are packed once per (batch,
+// head) into the layouts the GEMM micro-kernels read. Forward, per (batch, head, group) and tile of query
+// rows: S = Q K^T over the group's ranges (fp32 accumulation), the softmax in fp32, O = P V; optionally
+// the normalised P is kept for the backward ("probs"). Backward, per (batch, head), group, tile of
+// queries and tile of keys: dP = dO V^T, P kept or recomputed (S = Q K^T, P = exp(scale S - lse)),
+// dS = P (dP - delta); dV^T += dO^T P, dK^T += Q^T dS, dQ += dS K, accumulated in fp32 (dK and dQ times
+// the scale when written out).
 // bf16 operands go through vdpbf16ps (pairs of bf16 along the reduction axis, fp32 sums); P and dS are
 // rounded to the operands' dtype for their products, as GPU flash attention does.
 //
