@@ -334,10 +334,13 @@ struct Scratch {
   }
 };
 
+template <typename T>
+T* align64(T* p) { return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63)); }
+
 constexpr int MAX_THREADS = 256;
 struct Workspace {  // one per worker
-  Scratch<uint16_t> h[5];
-  Scratch<float> f[5], grad[2];
+  Scratch<uint16_t> h[5], tiles_h;
+  Scratch<float> f[5], grad[2], tiles;
   template <typename T>
   T* get(int i, size_t n) {
     if constexpr (sizeof(T) == 2) return reinterpret_cast<T*>(h[i].get(n));
@@ -515,8 +518,10 @@ void backward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, T
     plain_transposed<T>(rows_of<T>(q, b, h), q.sl, L, D, QT, Lt);         // A of Q^T dS: (D x L)
     pack_rows<T>(rows_of<T>(k, b, h), k.sl, L, D, Kp);                    // B of dS K: (L x D)
     if (!probs) pack_transposed<T>(rows_of<T>(k, b, h), k.sl, L, D, Kt, Lt);  // B of Q K^T: (D x L)
-    alignas(64) float Sb[QT_BWD * KT_BWD], dPb[QT_BWD * KT_BWD];
-    alignas(64) T Pw[QT_BWD * KT_BWD], dSr[QT_BWD * KT_BWD], dSb[QT_BWD * KT_BWD];
+    const size_t tile = (size_t)QT_BWD * KT_BWD + 32;  // per tile: S, dP (fp32); P, dS row-major, dS paired
+    // (each 128 bytes past a multiple of 4 KiB from the one before: no shared L1 sets)
+    float *Sb = align64(ws.tiles.get(2 * tile + 16)), *dPb = Sb + tile;
+    T *Pw = align64(reinterpret_cast<T*>(ws.tiles_h.get((3 * tile + 32) * sizeof(T) / 2))), *dSr = Pw + tile, *dSb = dSr + tile;
     std::vector<float> dQf((size_t)QT_BWD * D), delta, lse2;
     float *dKT = ws.grad[0].get((size_t)D * Lt), *dVT = ws.grad[1].get((size_t)D * Lt);  // fp32 sums over groups
     std::memset(dKT, 0, sizeof(float) * D * Lt);  // the products add straight into them
