@@ -93,27 +93,28 @@ def test_probabilities_are_kept_for_training_only_and_within_the_memory_limit(mo
     monkeypatch.setattr(block_kernel, "forward", spy)
     q, k, v = qkv(B, H, L, D, torch.bfloat16, seed=0)
     allowed = int(masks.dense_mask(lay).sum()) * H
+    kept = allowed + 2 * B * H * L  # bf16 probabilities, and an fp32 normaliser per query
     ctx = lambda: AttnContext(lay, None, None, "block")  # noqa: E731
     attend(q, k, v, ctx())
     with torch.no_grad():
         attend(q, k, v, ctx())
     attend(q.detach(), k.detach(), v.detach(), ctx())
-    assert allowed * 2 > 2 * 2 ** 20  # bf16 probabilities over 2 MiB: a limit 1 MiB under them refuses them
-    monkeypatch.setattr(attention, "KEEP_PROBS_MIB", allowed * 2 // 2 ** 20 - 1)
+    assert kept * 2 > 2 * 2 ** 20  # bf16 probabilities over 2 MiB: a limit 1 MiB under them refuses them
+    monkeypatch.setattr(attention, "KEEP_PROBS_MIB", kept * 2 // 2 ** 20 - 1)
     attend(q, k, v, ctx())
-    monkeypatch.setattr(attention, "KEEP_PROBS_MIB", allowed * 3 // 2 ** 20)  # room for one call's, not two
+    monkeypatch.setattr(attention, "KEEP_PROBS_MIB", kept * 3 // 2 ** 20)  # room for one call's, not two
     held = attend(q, k, v, ctx())  # its graph holds its probabilities
     attend(q, k, v, ctx())
     del held
     attend(q, k, v, ctx())
-    assert seen == [allowed, None, None, None, allowed, None, allowed]
+    assert seen == [kept, None, None, None, kept, None, kept]
 
 
 def test_kept_probabilities_are_checked():
     lay = pack(LAYOUTS["16x64"], PackSpec()).layout
     groups = masks.query_groups(lay.row(0))
     q, k, v = (t.detach() for t in qkv(1, 2, lay.shape[1], 64, torch.bfloat16, seed=0))
-    n = block_kernel.probs_numel(1, 2, groups)
+    n = block_kernel.probs_numel(1, 2, groups, torch.bfloat16)
     for bad in (torch.empty(n - 1, dtype=torch.bfloat16), torch.empty(n, dtype=torch.float32),
                 torch.empty(n + 1, dtype=torch.bfloat16)[1:]):  # short, wrong dtype, off a 64-byte boundary
         with pytest.raises(ValueError, match="probs"):

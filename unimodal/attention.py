@@ -415,7 +415,7 @@ class _BlockSDPA(torch.autograd.Function):
         fused, rest = _kernel_split(q, groups)
         probs = None  # the fused groups' probabilities, kept for the backward
         if fused and grad and any(ctx.needs_input_grad[:3]):
-            probs = _probs_buffer(block_kernel.probs_numel(B, H, fused), q.dtype)
+            probs = _probs_buffer(block_kernel.probs_numel(B, H, fused, q.dtype), q.dtype)
         lse_fused = block_kernel.forward(q, k, v, out, fused, probs) if fused else None  # (B, H, L) on fused rows
         saved = []
         for g in rest:

@@ -41,6 +41,8 @@ inline __m512 load16(const bf16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
 inline void store16(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
+inline void store1(float* p, float x) { *p = x; }
+inline void store1(bf16* p, float x) { *p = (bf16)_mm_extract_epi16((__m128i)_mm_cvtneps_pbh(_mm_set_ss(x)), 0); }
 inline void store16(bf16* p, __m512 x) { _mm256_storeu_si256((__m256i*)p, (__m256i)_mm512_cvtneps_pbh(x)); }
 
 // 2^t for t <= 0 (softmax arguments, pre-multiplied by log2 e): 2^n p(r), n = round(t), |r| <= 1/2, p the
@@ -60,6 +62,30 @@ inline __m512 exp2_16(__m512 t) {
   return _mm512_scalef_ps(p, n);
 }
 constexpr float LOG2E = 1.44269504088896341f;
+
+// log x for x >= 1: x = 2^e m with m in [sqrt(1/2), sqrt 2), log m = 2 atanh(t), t = (m - 1) / (m + 1), |t| < 0.18
+// (the series to t^9: error below 1e-9).
+inline __m512 log16(__m512 x) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  __m512 e = _mm512_getexp_ps(x);
+  __m512 m = _mm512_getmant_ps(x, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_src);
+  const __mmask16 big = _mm512_cmp_ps_mask(m, _mm512_set1_ps(1.41421356f), _CMP_GT_OQ);
+  m = _mm512_mask_mul_ps(m, big, m, _mm512_set1_ps(0.5f));
+  e = _mm512_mask_add_ps(e, big, e, one);
+  const __m512 t = _mm512_div_ps(_mm512_sub_ps(m, one), _mm512_add_ps(m, one)), t2 = _mm512_mul_ps(t, t);
+  __m512 p = _mm512_set1_ps(1.f / 9);
+  for (float c : {1.f / 7, 1.f / 5, 1.f / 3, 1.f}) p = _mm512_fmadd_ps(p, t2, _mm512_set1_ps(c));
+  return _mm512_fmadd_ps(e, _mm512_set1_ps(0.693147180559945309f), _mm512_mul_ps(_mm512_add_ps(t, t), p));
+}
+
+// out[i] = scale mx[i] + log sum[i] for i < n (sum >= 1): the rows' log-sum-exp.
+inline void log16_rows(int n, const float* mx, const float* sum, float scale, float* out) {
+  for (int i = 0; i < n; i += 16) {
+    const __mmask16 k = n - i >= 16 ? 0xffff : (__mmask16)((1u << (n - i)) - 1);
+    const __m512 l = log16(_mm512_mask_loadu_ps(_mm512_set1_ps(1.f), k, sum + i));
+    _mm512_mask_storeu_ps(out + i, k, _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, mx + i), _mm512_set1_ps(scale), l));
+  }
+}
 
 // ---------------------------------------------------------------- GEMM: C (M x N, fp32) (+)= A (M x K) Bp (K x N)
 // A row-major with K contiguous (lda elements); Bp packed: fp32 [K][ldb], bf16 [K/2][ldb][2].
@@ -169,9 +195,10 @@ inline void transpose16(const int32_t* in, int64_t stride, __m512i t[16]) {
 
 // out (D x L, rows ld apart): element (d, r) = x[r][d]: the B operand of "rows . x^T" (bf16: pairs along D,
 // moved as 32-bit words). The L rows of one (batch, head) start at x and lie sl elements apart (sl even
-// for bf16). 16 x 16 blocks of words are transposed in registers; a scalar tail finishes.
+// for bf16). 16 x 16 blocks of words are transposed in registers; a scalar tail finishes. fp32 only: each
+// row r times rs[r] when rs is given.
 template <typename T>
-void pack_transposed(const T* x, int64_t sl, int L, int D, T* out, int ld) {
+void pack_transposed(const T* x, int64_t sl, int L, int D, T* out, int ld, const float* rs = nullptr) {
   const int r16 = L / 16 * 16, W = D / KStep<T>::v;  // words per row (a multiple of 16)
   const int64_t ws = sl / KStep<T>::v;
   const int32_t* w = reinterpret_cast<const int32_t*>(x);
@@ -180,10 +207,17 @@ void pack_transposed(const T* x, int64_t sl, int L, int D, T* out, int ld) {
   for (int r = 0; r < r16; r += 16)
     for (int c0 = 0; c0 < W; c0 += 16) {
       transpose16(w + r * ws + c0, ws, t);
+      if constexpr (KStep<T>::v == 1)
+        if (rs)
+          for (int c = 0; c < 16; c++) t[c] = _mm512_castps_si512(_mm512_mul_ps(_mm512_castsi512_ps(t[c]), _mm512_loadu_ps(rs + r)));
       for (int c = 0; c < 16; c++) _mm512_storeu_si512(o + (size_t)(c0 + c) * ld + r, t[c]);
     }
   for (int r = r16; r < L; r++)
-    for (int c = 0; c < W; c++) o[(size_t)c * ld + r] = w[r * ws + c];
+    for (int c = 0; c < W; c++) {
+      o[(size_t)c * ld + r] = w[r * ws + c];
+      if constexpr (KStep<T>::v == 1)
+        if (rs) out[(size_t)c * ld + r] *= rs[r];
+    }
 }
 
 // out (Lp x D), Lp = L rounded up to even: element (r, d) = x[r][d], the B operand of "(. x L) . x"
@@ -209,12 +243,20 @@ void pack_rows(const T* x, int64_t sl, int L, int D, T* out) {
 }
 
 // out (D x L, rows ld apart) element (d, r) = x[r][d], plain (bf16 elements one by one): the A operand
-// of "x^T . (L x .)".
+// of "x^T . (L x .)"; each row r times rs[r] when rs is given.
 template <typename T>
-void plain_transposed(const T* x, int64_t sl, int L, int D, T* out, int ld) {
+void plain_transposed(const T* x, int64_t sl, int L, int D, T* out, int ld, const float* rs = nullptr) {
   if constexpr (KStep<T>::v == 1) {
-    pack_transposed<T>(x, sl, L, D, out, ld);
+    pack_transposed<T>(x, sl, L, D, out, ld, rs);
   } else {
+    // 32 bf16 (rows r..r+31 of one column) times rs[r..r+31]
+    auto scaled = [&](__m512i y, int r) {
+      if (!rs) return y;
+      __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(y)), 16));
+      __m512 hi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(y, 1)), 16));
+      return (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, _mm512_loadu_ps(rs + r + 16)),
+                                          _mm512_mul_ps(lo, _mm512_loadu_ps(rs + r)));
+    };
     const int r32 = L / 32 * 32;
     const int32_t* w = reinterpret_cast<const int32_t*>(x);
     const int64_t ws = sl / 2;
@@ -227,12 +269,21 @@ void plain_transposed(const T* x, int64_t sl, int L, int D, T* out, int ld) {
         transpose16(w + r * ws + c0, ws, t0);         // rows r..r+15: words (d, d+1), d = 2 (c0 + c)
         transpose16(w + (r + 16) * ws + c0, ws, t1);  // rows r+16..r+31
         for (int c = 0; c < 16; c++) {
-          _mm512_storeu_si512(out + (size_t)(2 * (c0 + c)) * ld + r, _mm512_permutex2var_epi16(t0[c], even, t1[c]));
-          _mm512_storeu_si512(out + (size_t)(2 * (c0 + c) + 1) * ld + r, _mm512_permutex2var_epi16(t0[c], odd, t1[c]));
+          _mm512_storeu_si512(out + (size_t)(2 * (c0 + c)) * ld + r, scaled(_mm512_permutex2var_epi16(t0[c], even, t1[c]), r));
+          _mm512_storeu_si512(out + (size_t)(2 * (c0 + c) + 1) * ld + r, scaled(_mm512_permutex2var_epi16(t0[c], odd, t1[c]), r));
         }
       }
     for (int r = r32; r < L; r++)
-      for (int d = 0; d < D; d++) out[(size_t)d * ld + r] = x[r * sl + d];
+      for (int d = 0; d < D; d++) {
+        if (!rs) {
+          out[(size_t)d * ld + r] = x[r * sl + d];
+          continue;
+        }
+        float f;
+        uint32_t u = uint32_t(x[r * sl + d]) << 16;
+        std::memcpy(&f, &u, 4);
+        store1(out + (size_t)d * ld + r, f * rs[r]);
+      }
   }
 }
 
@@ -251,23 +302,31 @@ struct Group {
   }
 };
 
+// The backward's tiles: QT_BWD queries of a group by KT_BWD keys of one of its ranges (fewer at the ends).
+constexpr int QT_BWD = 64, KT_BWD = 128;
+
 // The kept probabilities ("probs"): one block per (batch, head), in it one block per group (at the sum of
-// the earlier groups' queries x keys), holding P (queries x the group's keys, its ranges side by side) as
-// the B operand of a product that reduces over queries: fp32 row-major, bf16 rows i, i+1 interleaved
-// ([(i/2)][m][2]). The backward's dV^T += dO^T P reads it in place.
-std::vector<int64_t> probs_offsets(const std::vector<Group>& gs, int64_t* per_bh) {
+// the earlier groups' sizes). A group's block holds E = exp(scale S - row max) (queries x the group's m keys,
+// its ranges side by side: the softmax before its normalisation), then the queries' normalisers 1 / sum_k E
+// (fp32, one per query: KS elements of T). P = E / sum: the backward folds the normaliser into dO^T (the A
+// operand of dV^T += dO^T E) and into dP - delta (dS = E (dP / sum - delta / sum)).
+// E is stored tile by tile in the order the backward reads it: the tile of query rows [t0, t0 + nr) and
+// key columns [kc, kc + nk) at t0 m + nr kc, as the B operand of a product that reduces over queries
+// (fp32 row-major; bf16 rows i, i+1 interleaved, [(i/2)][nk][2]).
+std::vector<int64_t> probs_offsets(const std::vector<Group>& gs, int KS, int64_t* per_bh) {
   std::vector<int64_t> off(gs.size());
   int64_t n = 0;
-  for (size_t i = 0; i < gs.size(); i++) off[i] = n, n += (int64_t)(gs[i].q1 - gs[i].q0) * gs[i].keys();
+  for (size_t i = 0; i < gs.size(); i++) off[i] = n, n += (int64_t)(gs[i].q1 - gs[i].q0) * (gs[i].keys() + KS);
   *per_bh = n;
   return off;
 }
 
-// Rows i, i+1 of fp32 (16 values each) -> 32 bf16 interleaved (i's value, i+1's value, ...).
+// 32 bf16 (row i's 16 values, then row i+1's) -> interleaved (i's value, i+1's value, ...).
+const __m512i PAIRS = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                       23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+// Rows i, i+1 of fp32 (16 values each) -> 32 bf16 interleaved.
 inline __m512i interleave_bf16(__m512 a, __m512 b) {
-  const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
-                                         23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  return _mm512_permutexvar_epi16(pairs, (__m512i)_mm512_cvtne2ps_pbh(b, a));
+  return _mm512_permutexvar_epi16(PAIRS, (__m512i)_mm512_cvtne2ps_pbh(b, a));
 }
 
 bool aligned(const Group& g) {  // what the packed layouts need: 16-multiples, even starts
@@ -368,14 +427,24 @@ const T* rows_of(const Tensor4& t, int b, int h) { return reinterpret_cast<const
 
 // ---------------------------------------------------------------- forward
 
+// f(kc, nk) for the backward's key tiles of a group: columns [kc, kc + nk) (its ranges side by side).
+template <typename F>
+void for_key_tiles(const Group& g, F&& f) {
+  int col = 0;
+  for (auto& r : g.ranges) {
+    for (int k0 = r.first; k0 < r.second; k0 += KT_BWD) f(col + k0 - r.first, std::min(KT_BWD, r.second - k0));
+    col += r.second - r.first;
+  }
+}
+
 constexpr int QT_FWD = 24;  // even: the kept probabilities pair rows
 
 template <typename T>
 void forward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, float* lse, T* probs, int L, int Lk,
              const std::vector<Group>& groups, float scale, int nthreads) {
-  int64_t per_bh;
-  const std::vector<int64_t> poff = probs_offsets(groups, &per_bh);
   const int G = groups.size(), KS = KStep<T>::v, Le = round_up(Lk, 2);
+  int64_t per_bh;
+  const std::vector<int64_t> poff = probs_offsets(groups, KS, &per_bh);
   const int Lt = padded(Lk);
   T* Kt = shared_scratch<T>(0, (size_t)B * H * D * Lt);
   T* Vp = shared_scratch<T>(1, (size_t)B * H * Le * D);
@@ -406,53 +475,88 @@ void forward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, fl
                 ms, false);
         col += r.second - r.first;
       }
-      float rowsum[QT_FWD];
-      for (int i = 0; i < nr; i++) {
-        float* s = &S[(size_t)i * ms];
-        T* p = &P[(size_t)i * ms];
-        // two independent chains each: the loops are bound by latency otherwise (m is a multiple of 16)
-        __m512 mx0 = _mm512_set1_ps(-INFINITY), mx1 = mx0;
-        int c = 0;
-        for (; c + 32 <= m; c += 32) {
-          mx0 = _mm512_max_ps(mx0, _mm512_loadu_ps(s + c));
-          mx1 = _mm512_max_ps(mx1, _mm512_loadu_ps(s + c + 16));
-        }
-        if (c < m) mx0 = _mm512_max_ps(mx0, _mm512_loadu_ps(s + c));
-        float mxs = _mm512_reduce_max_ps(_mm512_max_ps(mx0, mx1));
-        const float sl2 = scale * LOG2E;  // e^(scale (s - max)) = 2^(sl2 s - sl2 max)
-        const __m512 shift = _mm512_set1_ps(-mxs * sl2), sc = _mm512_set1_ps(sl2);
-        __m512 sum0 = _mm512_setzero_ps(), sum1 = sum0;
-        auto exp_at = [&](int c) {
-          __m512 e = exp2_16<EXP_DEG<T>>(_mm512_fmadd_ps(_mm512_loadu_ps(s + c), sc, shift));
-          store16(p + c, e);
-          if (probs) _mm512_storeu_ps(s + c, e);
-          return e;
-        };
-        for (c = 0; c + 32 <= m; c += 32) {
-          sum0 = _mm512_add_ps(sum0, exp_at(c));
-          sum1 = _mm512_add_ps(sum1, exp_at(c + 16));
-        }
-        if (c < m) sum0 = _mm512_add_ps(sum0, exp_at(c));
-        rowsum[i] = _mm512_reduce_add_ps(_mm512_add_ps(sum0, sum1));
-        lse[((int64_t)b * H + h) * L + r0 + i] = mxs * scale + std::log(rowsum[i]);
-      }
-      if (probs) {  // normalised P into the kept probabilities: whole cache lines, in order, not through the cache
-        T* dst = probs + per_bh * bh + poff[t % G] + (int64_t)(r0 - g.q0) * m;  // r0 - q0 even
-        for (int i = 0; i < nr; i += KS) {
-          const float* s0 = &S[(size_t)i * ms];
-          const __m512 inv0 = _mm512_set1_ps(1.f / rowsum[i]);
-          if constexpr (KStep<T>::v == 2) {
-            const float* s1 = s0 + ms;
-            const __m512 inv1 = _mm512_set1_ps(1.f / rowsum[i + 1]);
-            for (int c = 0; c < m; c += 16)
-              _mm512_stream_si512((__m512i*)(dst + (int64_t)i * m + 2 * c),
-                                  interleave_bf16(_mm512_mul_ps(_mm512_loadu_ps(s0 + c), inv0),
-                                                  _mm512_mul_ps(_mm512_loadu_ps(s1 + c), inv1)));
-          } else {
-            for (int c = 0; c < m; c += 16)
-              _mm512_stream_ps(dst + (int64_t)i * m + c, _mm512_mul_ps(_mm512_loadu_ps(s0 + c), inv0));
+      // E = exp(scale (S - row max)) into P (row-major: the A operand of E V) and, kept, into the group's block
+      // of the probabilities (streamed: whole cache lines in order, not through the cache)
+      T* kept = probs ? probs + per_bh * bh + poff[t % G] : nullptr;  // the group's block
+      const float sl2 = scale * LOG2E;  // e^(scale (s - max)) = 2^(sl2 s - sl2 max)
+      const __m512 sc = _mm512_set1_ps(sl2);
+      float rowsum[QT_FWD], rowmax[QT_FWD];
+      if (KS == 2 && kept) {  // rows i, i + 1 together: the kept layout interleaves them
+        for (int i = 0; i < nr; i += 2) {
+          const float *s0 = &S[(size_t)i * ms], *s1 = s0 + ms;
+          bf16* p0 = reinterpret_cast<bf16*>(&P[(size_t)i * ms]);
+          const int row = r0 - g.q0 + i, t0 = row / QT_BWD * QT_BWD, tr = std::min(QT_BWD, g.q1 - g.q0 - t0);
+          bf16* dst = reinterpret_cast<bf16*>(kept) + (int64_t)t0 * m;  // the pair's query tile
+          __m512 mx0 = _mm512_set1_ps(-INFINITY), mx1 = mx0;
+          for (int c = 0; c < m; c += 16) {
+            mx0 = _mm512_max_ps(mx0, _mm512_loadu_ps(s0 + c));
+            mx1 = _mm512_max_ps(mx1, _mm512_loadu_ps(s1 + c));
           }
+          rowmax[i] = _mm512_reduce_max_ps(mx0), rowmax[i + 1] = _mm512_reduce_max_ps(mx1);
+          const __m512 sh0 = _mm512_set1_ps(-rowmax[i] * sl2), sh1 = _mm512_set1_ps(-rowmax[i + 1] * sl2);
+          __m512 sum0 = _mm512_setzero_ps(), sum1 = sum0;
+          for_key_tiles(g, [&](int kc, int nk) {
+            bf16* out = dst + (int64_t)tr * kc + (int64_t)(row - t0) * nk;  // the pair's row of this tile
+            for (int c = kc; c < kc + nk; c += 16) {
+              __m512 e0 = exp2_16<EXP_DEG<T>>(_mm512_fmadd_ps(_mm512_loadu_ps(s0 + c), sc, sh0));
+              __m512 e1 = exp2_16<EXP_DEG<T>>(_mm512_fmadd_ps(_mm512_loadu_ps(s1 + c), sc, sh1));
+              sum0 = _mm512_add_ps(sum0, e0);
+              sum1 = _mm512_add_ps(sum1, e1);
+              __m512i x = (__m512i)_mm512_cvtne2ps_pbh(e1, e0);  // row i's 16 values, then row i + 1's
+              _mm256_storeu_si256((__m256i*)(p0 + c), _mm512_castsi512_si256(x));
+              _mm256_storeu_si256((__m256i*)(p0 + ms + c), _mm512_extracti64x4_epi64(x, 1));
+              _mm512_stream_si512((__m512i*)(out + 2 * (c - kc)), _mm512_permutexvar_epi16(PAIRS, x));
+            }
+          });
+          rowsum[i] = _mm512_reduce_add_ps(sum0), rowsum[i + 1] = _mm512_reduce_add_ps(sum1);
         }
+      } else {
+        for (int i = 0; i < nr; i++) {
+          const float* s = &S[(size_t)i * ms];
+          T* p = &P[(size_t)i * ms];
+          // two independent chains each: the loops are bound by latency otherwise (m is a multiple of 16)
+          __m512 mx0 = _mm512_set1_ps(-INFINITY), mx1 = mx0;
+          int c = 0;
+          for (; c + 32 <= m; c += 32) {
+            mx0 = _mm512_max_ps(mx0, _mm512_loadu_ps(s + c));
+            mx1 = _mm512_max_ps(mx1, _mm512_loadu_ps(s + c + 16));
+          }
+          if (c < m) mx0 = _mm512_max_ps(mx0, _mm512_loadu_ps(s + c));
+          rowmax[i] = _mm512_reduce_max_ps(_mm512_max_ps(mx0, mx1));
+          const __m512 shift = _mm512_set1_ps(-rowmax[i] * sl2);
+          __m512 sum0 = _mm512_setzero_ps(), sum1 = sum0;
+          auto exp_at = [&](int c) {
+            __m512 e = exp2_16<EXP_DEG<T>>(_mm512_fmadd_ps(_mm512_loadu_ps(s + c), sc, shift));
+            store16(p + c, e);
+            return e;
+          };
+          if (kept) {  // fp32 (bf16 pairs rows above): the row of each of its tiles
+            const int row = r0 - g.q0 + i, t0 = row / QT_BWD * QT_BWD, tr = std::min(QT_BWD, g.q1 - g.q0 - t0);
+            float* dst = reinterpret_cast<float*>(kept) + (int64_t)t0 * m;
+            for_key_tiles(g, [&](int kc, int nk) {
+              float* out = dst + (int64_t)tr * kc + (int64_t)(row - t0) * nk;
+              for (c = kc; c < kc + nk; c += 16) {
+                __m512 e = exp_at(c);
+                _mm512_stream_ps(out + c - kc, e);
+                sum0 = _mm512_add_ps(sum0, e);
+                std::swap(sum0, sum1);  // two chains
+              }
+            });
+          } else {
+            for (c = 0; c + 32 <= m; c += 32) {
+              sum0 = _mm512_add_ps(sum0, exp_at(c));
+              sum1 = _mm512_add_ps(sum1, exp_at(c + 16));
+            }
+            if (c < m) sum0 = _mm512_add_ps(sum0, exp_at(c));
+          }
+          rowsum[i] = _mm512_reduce_add_ps(_mm512_add_ps(sum0, sum1));
+        }
+      }
+      float* lse_row = &lse[((int64_t)b * H + h) * L + r0];
+      log16_rows(nr, rowmax, rowsum, scale, lse_row);  // lse = scale max + log sum
+      if (kept) {  // the normalisers, after the group's E
+        float* inv = reinterpret_cast<float*>(probs + per_bh * bh + poff[t % G] + (int64_t)(g.q1 - g.q0) * m) + (r0 - g.q0);
+        for (int i = 0; i < nr; i++) inv[i] = 1.f / rowsum[i];
       }
       col = 0;
       for (size_t ri = 0; ri < g.ranges.size(); ri++) {  // O (nr x D) = sum over ranges of P[:, range] V[range]
@@ -471,21 +575,17 @@ void forward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, fl
 
 // ---------------------------------------------------------------- backward
 
-// Prefetches the cache lines of a block (rows `stride` bytes apart, `lines` lines each) one per step().
+// Prefetches `lines` cache lines from p on, one per step().
 struct Ahead {
   const char* p = nullptr;
-  int64_t stride = 0;
-  int rows = 0, lines = 0, r = 0, l = 0;
+  int lines = 0, l = 0;
   Ahead() = default;
-  Ahead(const void* p_, int64_t stride_, int rows_, int lines_)
-      : p(static_cast<const char*>(p_)), stride(stride_), rows(rows_), lines(lines_) {}
+  Ahead(const void* p_, int lines_) : p(static_cast<const char*>(p_)), lines(lines_) {}
   void step() {
-    if (r >= rows) return;
-    _mm_prefetch(p + r * stride + 64 * l, _MM_HINT_T0);
-    if (++l == lines) l = 0, ++r;
+    if (l < lines) _mm_prefetch(p + 64 * l++, _MM_HINT_T0);
   }
   void rest() {
-    while (r < rows) step();
+    while (l < lines) step();
   }
 };
 // Per (batch, head), group, tile of queries (rows) and tile of keys: dP = dO V^T; P from the kept
@@ -494,7 +594,6 @@ struct Ahead {
 // P and dS are the B operands of the first two in the layout of the kept probabilities (bf16: query rows
 // paired), and dS the A operand of the third (row-major).
 
-constexpr int QT_BWD = 64, KT_BWD = 128;
 
 template <typename T, typename G>
 void backward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, Tensor4 dout, const float* lse,
@@ -502,7 +601,7 @@ void backward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, T
               int nthreads) {
   const int KS = KStep<T>::v, Le = round_up(L, 2), Lt = padded(L);
   int64_t per_bh;
-  const std::vector<int64_t> poff = probs_offsets(groups, &per_bh);
+  const std::vector<int64_t> poff = probs_offsets(groups, KS, &per_bh);
   std::vector<uint8_t> is_query(L, 0);
   for (auto& g : groups) std::fill(is_query.begin() + g.q0, is_query.begin() + g.q1, 1);
   const __m512 zero = _mm512_setzero_ps(), sc = _mm512_set1_ps(scale);
@@ -514,7 +613,18 @@ void backward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, T
     T *Vt = ws.get<T>(0, (size_t)D * Lt), *dOT = ws.get<T>(1, (size_t)D * Lt), *QT = ws.get<T>(2, (size_t)D * Lt);
     T *Kp = ws.get<T>(3, (size_t)Le * D), *Kt = probs ? nullptr : ws.get<T>(4, (size_t)D * Lt);
     pack_transposed<T>(rows_of<T>(v, b, h), v.sl, L, D, Vt, Lt);          // B of dO V^T: (D x L)
-    plain_transposed<T>(rows_of<T>(dout, b, h), dout.sl, L, D, dOT, Lt);  // A of dO^T P: (D x L)
+    float* rowf = nullptr;  // kept: the queries' normalisers, by position (0 off the groups)
+    if (probs) {
+      rowf = ws.f[4].get(L);
+      std::fill(rowf, rowf + L, 0.f);
+      for (size_t gi = 0; gi < groups.size(); gi++) {
+        const Group& g = groups[gi];
+        const float* inv = reinterpret_cast<const float*>(probs + per_bh * bh + poff[gi] + (int64_t)(g.q1 - g.q0) * g.keys());
+        std::copy(inv, inv + (g.q1 - g.q0), rowf + g.q0);
+      }
+    }
+    // A of dO^T P, or (dO / sum)^T E with kept probabilities: (D x L)
+    plain_transposed<T>(rows_of<T>(dout, b, h), dout.sl, L, D, dOT, Lt, rowf);
     plain_transposed<T>(rows_of<T>(q, b, h), q.sl, L, D, QT, Lt);         // A of Q^T dS: (D x L)
     pack_rows<T>(rows_of<T>(k, b, h), k.sl, L, D, Kp);                    // B of dS K: (L x D)
     if (!probs) pack_transposed<T>(rows_of<T>(k, b, h), k.sl, L, D, Kt, Lt);  // B of Q K^T: (D x L)
@@ -522,7 +632,7 @@ void backward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, T
     // (each 128 bytes past a multiple of 4 KiB from the one before: no shared L1 sets)
     float *Sb = align64(ws.tiles.get(2 * tile + 16)), *dPb = Sb + tile;
     T *Pw = align64(reinterpret_cast<T*>(ws.tiles_h.get((3 * tile + 32) * sizeof(T) / 2))), *dSr = Pw + tile, *dSb = dSr + tile;
-    std::vector<float> dQf((size_t)QT_BWD * D), delta, lse2;
+    std::vector<float> dQf((size_t)QT_BWD * D), delta, lse2, norm;
     float *dKT = ws.grad[0].get((size_t)D * Lt), *dVT = ws.grad[1].get((size_t)D * Lt);  // fp32 sums over groups
     std::memset(dKT, 0, sizeof(float) * D * Lt);  // the products add straight into them
     std::memset(dVT, 0, sizeof(float) * D * Lt);
@@ -533,8 +643,11 @@ void backward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, T
       const Group& g = groups[gi];
       const int nq = g.q1 - g.q0, m = g.keys();
       const T* gprobs = probs ? probs + per_bh * bh + poff[gi] : nullptr;
+      // kept: the queries' normalisers (P = E norm; dS = E (dP norm - delta norm)); recomputed P: 1
+      const float* ginv = gprobs ? reinterpret_cast<const float*>(gprobs + (int64_t)nq * m) : nullptr;
       delta.resize(nq);
       lse2.resize(nq);
+      norm.resize(nq);
       for (int i = 0; i < nq; i++) {  // delta_i = sum_d dO_id O_id; lse in base 2
         const T *orow = row_ptr<T>(o, b, h, g.q0 + i), *drow = row_ptr<T>(dout, b, h, g.q0 + i);
         if (i + 8 < nq)  // rows ahead (strided in memory: the hardware prefetcher does not run ahead of them)
@@ -544,7 +657,8 @@ void backward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, T
           }
         __m512 acc = _mm512_setzero_ps();
         for (int d = 0; d < D; d += 16) acc = _mm512_fmadd_ps(load16(drow + d), load16(orow + d), acc);
-        delta[i] = _mm512_reduce_add_ps(acc);
+        norm[i] = ginv ? ginv[i] : 1.f;
+        delta[i] = _mm512_reduce_add_ps(acc) * norm[i];
         lse2[i] = lse[base + g.q0 + i] * LOG2E;
       }
       for (int r0 = 0; r0 < nq; r0 += QT_BWD) {
@@ -555,24 +669,14 @@ void backward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, T
         for (auto& r : g.ranges) {
           for (int k0 = r.first; k0 < r.second; k0 += KT_BWD) {
             const int nk = std::min(KT_BWD, r.second - k0), kc = col + k0 - r.first;  // nk a multiple of 16
-            // P: the kept block (ldp = m) or recomputed into Pw. Kept blocks are fetched one tile ahead (rows
-            // KS query rows, 4 ldp bytes apart; nk / 16 lines each); the task's first one before its dP.
-            const T* Pb = gprobs ? gprobs + (int64_t)r0 * m + (int64_t)kc * KS : Pw;
-            const int ldp = gprobs ? m : nk;
+            // P: the kept tile (contiguous, in the order of these loops) or recomputed into Pw; the kept
+            // tiles are fetched one ahead (the task's first before its dP)
+            const T* Pb = gprobs ? gprobs + (int64_t)r0 * m + (int64_t)nr * kc : Pw;
+            const int tile_lines = nr * nk * (int)sizeof(T) / 64;
             Ahead ahead;
             if (gprobs) {
-              if (gi == 0 && r0 == 0 && kc == 0) Ahead(Pb, 4 * (int64_t)ldp, nr / KS, nk / 16).rest();
-              if (kc + nk < m) {  // the next key tile: the next columns of the same rows
-                ahead = Ahead(Pb + (size_t)nk * KS, 4 * (int64_t)ldp, nr / KS, std::min(KT_BWD, m - kc - nk) / 16);
-              } else if (r0 + QT_BWD < nq) {  // the next query tile's first
-                ahead = Ahead(gprobs + (int64_t)(r0 + QT_BWD) * m, 4 * (int64_t)m, std::min(QT_BWD, nq - r0 - QT_BWD) / KS,
-                              std::min(KT_BWD, g.ranges[0].second - g.ranges[0].first) / 16);
-              } else if (gi + 1 < groups.size()) {  // the next group's first
-                const Group& n = groups[gi + 1];
-                const int mn = n.keys();
-                ahead = Ahead(probs + per_bh * bh + poff[gi + 1], 4 * (int64_t)mn, std::min(QT_BWD, n.q1 - n.q0) / KS,
-                              std::min(KT_BWD, n.ranges[0].second - n.ranges[0].first) / 16);
-              }
+              if (gi == 0 && r0 == 0 && kc == 0) Ahead(Pb, tile_lines).rest();
+              ahead = Ahead(Pb + (size_t)nr * nk, tile_lines);  // past the group's end: the next group's first
             }
             gemm<T>(nr, nk, D, row_ptr<T>(dout, b, h, qa), dout.sl, Vt + (size_t)k0 * KS, Lt, dPb, nk, false);
             if (!gprobs)
@@ -580,13 +684,15 @@ void backward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, T
             const __m512 sl2 = _mm512_set1_ps(scale * LOG2E);
             for (int i = 0; i < nr; i += KS) {
               const __m512 l0 = _mm512_set1_ps(lse2[r0 + i]), d0 = _mm512_set1_ps(delta[r0 + i]);
+              const __m512 n0 = _mm512_set1_ps(norm[r0 + i]);
               if constexpr (KStep<T>::v == 2) {
                 const __m512 l1 = _mm512_set1_ps(lse2[r0 + i + 1]), d1 = _mm512_set1_ps(delta[r0 + i + 1]);
+                const __m512 n1 = _mm512_set1_ps(norm[r0 + i + 1]);
                 for (int c = 0; c < nk; c += 16) {
                   __m512 p0, p1;
                   if (gprobs) {  // the two rows' values are the low and high halves of each 32-bit word
                     ahead.step();
-                    __m512i x = _mm512_loadu_si512(Pb + (size_t)i * ldp + 2 * c);
+                    __m512i x = _mm512_loadu_si512(Pb + (size_t)i * nk + 2 * c);
                     p0 = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
                     p1 = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(int(0xffff0000u))));
                   } else {
@@ -594,30 +700,31 @@ void backward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, T
                     p1 = exp2_16<EXP_DEG<T>>(_mm512_fmsub_ps(_mm512_loadu_ps(&Sb[(size_t)(i + 1) * nk + c]), sl2, l1));
                     _mm512_storeu_si512(&Pw[(size_t)i * nk + 2 * c], interleave_bf16(p0, p1));
                   }
-                  __m512 s0 = _mm512_mul_ps(p0, _mm512_sub_ps(_mm512_loadu_ps(&dPb[(size_t)i * nk + c]), d0));
-                  __m512 s1 = _mm512_mul_ps(p1, _mm512_sub_ps(_mm512_loadu_ps(&dPb[(size_t)(i + 1) * nk + c]), d1));
-                  store16(&dSr[(size_t)i * nk + c], s0);
-                  store16(&dSr[(size_t)(i + 1) * nk + c], s1);
-                  _mm512_storeu_si512(&dSb[(size_t)i * nk + 2 * c], interleave_bf16(s0, s1));
+                  __m512 s0 = _mm512_mul_ps(p0, _mm512_fmsub_ps(_mm512_loadu_ps(&dPb[(size_t)i * nk + c]), n0, d0));
+                  __m512 s1 = _mm512_mul_ps(p1, _mm512_fmsub_ps(_mm512_loadu_ps(&dPb[(size_t)(i + 1) * nk + c]), n1, d1));
+                  const __m512i x = (__m512i)_mm512_cvtne2ps_pbh(s1, s0);  // row i's 16, then row i + 1's
+                  _mm256_storeu_si256((__m256i*)&dSr[(size_t)i * nk + c], _mm512_castsi512_si256(x));
+                  _mm256_storeu_si256((__m256i*)&dSr[(size_t)(i + 1) * nk + c], _mm512_extracti64x4_epi64(x, 1));
+                  _mm512_storeu_si512(&dSb[(size_t)i * nk + 2 * c], _mm512_permutexvar_epi16(PAIRS, x));
                 }
               } else {
                 for (int c = 0; c < nk; c += 16) {
                   __m512 p0;
                   if (gprobs) {
                     ahead.step();
-                    p0 = load16(Pb + (size_t)i * ldp + c);
+                    p0 = load16(Pb + (size_t)i * nk + c);
                   } else {
                     p0 = exp2_16<EXP_DEG<T>>(_mm512_fmsub_ps(_mm512_loadu_ps(&Sb[(size_t)i * nk + c]), sl2, l0));
                     store16(&Pw[(size_t)i * nk + c], p0);
                   }
                   store16(&dSr[(size_t)i * nk + c],
-                          _mm512_mul_ps(p0, _mm512_sub_ps(_mm512_loadu_ps(&dPb[(size_t)i * nk + c]), d0)));
+                          _mm512_mul_ps(p0, _mm512_fmsub_ps(_mm512_loadu_ps(&dPb[(size_t)i * nk + c]), n0, d0)));
                 }
               }
             }
             ahead.rest();
             const T* dsb = KStep<T>::v == 2 ? dSb : dSr;  // fp32: row-major is the B layout
-            gemm<T>(D, nk, nr, dOT + qa, Lt, Pb, ldp, dVT + k0, Lt, true);       // dV^T += dO^T P
+            gemm<T>(D, nk, nr, dOT + qa, Lt, Pb, nk, dVT + k0, Lt, true);        // dV^T += dO^T P
             gemm<T>(D, nk, nr, QT + qa, Lt, dsb, nk, dKT + k0, Lt, true);        // dK^T += Q^T dS
             gemm<T>(nr, D, nk, dSr, nk, Kp + (size_t)k0 * D, D, dQa, D, !first);  // dQ += dS K
             first = false;
