@@ -240,3 +240,26 @@ def test_cached_passes_through_the_kernel_equal_the_full_forward(guided, monkeyp
     # per layer: one call per pass for its own keys, one more per pass that has a committed cache
     # (5 of 8: the first block's two and the first step of the second commit only now)
     assert calls["n"] == (8 + 5) * cfg.depth and calls["longer_keys"] > 0, calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_inputs_the_kernel_cannot_read_in_place_are_copied(dtype):
+    """A strided last axis (and, in bf16, an odd row stride) is read through a contiguous copy: the
+    same results as the contiguous inputs; an output it cannot write in place is refused."""
+    lay = pack(LAYOUTS["16x64"], PackSpec()).layout
+    groups = masks.query_groups(lay.row(0))
+    L, D = lay.shape[1], 64
+    g = torch.Generator().manual_seed(3)
+    q, k, v, dout = (torch.randn(1, 2, L, D, generator=g).to(dtype) for _ in range(4))
+    out = torch.empty_like(q)
+    lse = block_kernel.forward(q, k, v, out, groups)
+    q_strided = torch.zeros(1, 2, L, 2 * D, dtype=dtype)[..., ::2].copy_(q)  # last axis stride 2
+    k_odd = torch.zeros(1, 2, L, D + 1, dtype=dtype)[..., :D].copy_(k)  # rows D + 1 apart
+    out2 = torch.empty_like(q)
+    lse2 = block_kernel.forward(q_strided, k_odd, v, out2, groups)
+    assert torch.equal(out, out2) and torch.equal(lse, lse2)
+    ref = block_kernel.backward(q, k, v, out, dout, lse, groups, dtype)
+    got = block_kernel.backward(q_strided, k_odd, v, out, dout, lse, groups, dtype)
+    assert all(torch.equal(a, b) for a, b in zip(ref, got))
+    with pytest.raises(ValueError, match="out"):
+        block_kernel.forward(q, k, v, torch.empty(1, 2, L, 2 * D, dtype=dtype)[..., ::2], groups)

@@ -409,9 +409,9 @@ class _BlockSDPA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, groups: list, grad: bool) -> Tensor:
-        fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
         B, H, L, D = q.shape
-        out = q.new_empty(B, L, H, D).transpose(1, 2)  # (B, H, L, D), memory as (B, L, H, D)
+        out = torch.empty_strided((B, H, L, D), (L * H * D, D, H * D, 1), dtype=q.dtype,
+                                  device=q.device)  # (B, H, L, D), memory as (B, L, H, D)
         fused, rest = _kernel_split(q, groups)
         probs = None  # the fused groups' probabilities, kept for the backward
         if fused and grad and any(ctx.needs_input_grad[:3]):
@@ -424,7 +424,8 @@ class _BlockSDPA(torch.autograd.Function):
                 saved.append(None)
                 continue
             mask = _additive(g.mask, q.dtype, q.device)
-            o, lse = fwd(q[:, :, g.q0:g.q1], _gather(k, g.k_ranges), _gather(v, g.k_ranges), attn_mask=mask)
+            o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q[:, :, g.q0:g.q1], _gather(k, g.k_ranges), _gather(v, g.k_ranges), attn_mask=mask)
             out[:, :, g.q0:g.q1] = o  # (B, H, n, D)
             saved.append((lse, mask))
         ctx.groups, ctx.saved, ctx.fused = rest, saved, fused
@@ -434,7 +435,6 @@ class _BlockSDPA(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout: Tensor):
-        bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
         dtype = dout.dtype
         q, k, v, out, lse_fused = ctx.saved_tensors
         probs = ctx.probs
@@ -444,6 +444,7 @@ class _BlockSDPA(torch.autograd.Function):
             dq, dk, dv = block_kernel.backward(q, k, v, out, dout, lse_fused, ctx.fused, torch.float32, probs)
         else:
             dq, dk, dv = (torch.zeros(t.shape, dtype=torch.float32) for t in (q, k, v))  # fp32 accumulators
+        bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
         low = q.dtype != torch.float32
         small = [low and g.q1 - g.q0 < LOW_BWD_MIN_QUERIES for g in ctx.groups]
         f32 = tuple(t.float() for t in (dout, q, k, v, out)) if any(small) else None

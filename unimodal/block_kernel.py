@@ -67,8 +67,9 @@ def _build() -> ctypes.CDLL:
                 os.unlink(tmp)
     lib = ctypes.CDLL(str(out))
     p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-    lib.block_attention_forward.argtypes = [i, i, i, i, i, i, p, p, p, p, p, p, p, p, p, p, p, i, f, i]
-    lib.block_attention_backward.argtypes = [i, i, i, i, i, p, p, p, p, p, p, p, p, p, p, p, p, p, p, p, i, p, i, f, i]
+    n = ctypes.c_int64
+    lib.block_attention_forward.argtypes = [i, i, i, i, i, i, p, p, p, p, p, p, p, n, p, i, f, i]
+    lib.block_attention_backward.argtypes = [i, i, i, i, i, p, p, p, p, p, p, p, p, n, p, p, p, i, p, i, f, i]
     lib.block_attention_forward.restype = lib.block_attention_backward.restype = i
     return lib
 
@@ -137,12 +138,10 @@ def readable(t: Tensor) -> Tensor:
     return t
 
 
-def _strides(t: Tensor) -> ctypes.Array:
-    return (ctypes.c_int64 * 3)(*t.stride()[:3])
-
-
-def _ptr(t: Tensor) -> ctypes.c_void_p:
-    return ctypes.c_void_p(t.data_ptr())
+def _strides(*ts: Tensor) -> ctypes.Array:
+    """The tensors' strides, 4 each (batch, head, position, last), as the kernel takes them."""
+    flat = [s for t in ts for s in t.stride()]
+    return (ctypes.c_int64 * len(flat))(*flat)
 
 
 _PAIRS: dict = {}
@@ -165,21 +164,28 @@ def forward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, groups, probs: Tensor 
     log-sum-exp (B, H, L) fp32 (rows of other queries left unset). k, v: (B, H, Lk, D), Lk may differ
     from L (a cached pass: the queries against the committed cache). probs: None, or a contiguous
     tensor of `probs_numel` elements in q's dtype that receives the probabilities for `backward`
-    (Lk == L only)."""
+    (Lk == L only). Inputs the kernel cannot read in place are copied (`readable`)."""
     B, H, L, D = q.shape
     Lk = k.shape[2]
-    assert k.shape == v.shape == (B, H, Lk, D), (q.shape, k.shape, v.shape)
-    q, k, v = readable(q), readable(k), readable(v)
-    assert out.stride(-1) == 1 and out.dtype == q.dtype, "out: written in place, last axis contiguous"
-    _check_probs(probs, q, groups)
+    if k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != D or out.shape != q.shape:
+        raise ValueError(f"block kernel: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
+                         f"out {tuple(out.shape)}: want (B, H, L, D), (B, H, Lk, D) twice and q's shape")
     if probs is not None and Lk != L:
         raise ValueError(f"block kernel: probabilities are kept for self-attention only (keys {Lk}, queries {L})")
+    if out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError(f"block kernel: out is written in place: {q.dtype} with its last axis contiguous")
+    _check_probs(probs, q)
     lse = torch.empty(B, H, L, dtype=torch.float32)
-    rc = _call(FORWARD_EVENT, library().block_attention_forward,
-               DTYPES[q.dtype], B, H, L, Lk, D, _ptr(q), _strides(q), _ptr(k), _strides(k), _ptr(v), _strides(v),
-               _ptr(out), _strides(out), _ptr(lse), _ptr(probs) if probs is not None else None, encode(groups),
-               len(groups), 1.0 / math.sqrt(D), torch.get_num_threads())
-    _raise_on(rc, q, groups)
+    fn, pp = library().block_attention_forward, probs.data_ptr() if probs is not None else None
+    pn = probs.numel() if probs is not None else 0
+    enc, scale, nt = encode(groups), 1.0 / math.sqrt(D), torch.get_num_threads()
+    for _ in range(2):  # a second time with copies of inputs it could not read in place
+        rc = _call(FORWARD_EVENT, fn, DTYPES[q.dtype], B, H, L, Lk, D, q.data_ptr(), k.data_ptr(), v.data_ptr(),
+                   out.data_ptr(), _strides(q, k, v, out), lse.data_ptr(), pp, pn, enc, len(groups), scale, nt)
+        if rc != -3:
+            break
+        q, k, v = readable(q), readable(k), readable(v)
+    _raise_on(rc, q, groups, probs)
     return lse
 
 
@@ -189,17 +195,21 @@ def backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: Te
     attention; zero where no group reaches. probs: what `forward` kept for the same groups, or None
     (the probabilities are recomputed)."""
     B, H, L, D = q.shape
-    q, k, v, out, dout = (readable(t) for t in (q, k, v, out, dout))
     if grad_dtype not in (torch.float32, q.dtype):
         raise ValueError(f"block kernel: gradients in fp32 or {q.dtype}, not {grad_dtype}")
-    _check_probs(probs, q, groups)
+    _check_probs(probs, q)
     dq, dk, dv = (torch.empty(B, H, L, D, dtype=grad_dtype) for _ in range(3))
-    rc = _call(BACKWARD_EVENT, library().block_attention_backward,
-               DTYPES[q.dtype], B, H, L, D, _ptr(q), _strides(q), _ptr(k), _strides(k), _ptr(v), _strides(v),
-               _ptr(out), _strides(out), _ptr(dout), _strides(dout), _ptr(lse),
-               _ptr(probs) if probs is not None else None, _ptr(dq), _ptr(dk), _ptr(dv),
-               DTYPES[grad_dtype], encode(groups), len(groups), 1.0 / math.sqrt(D), torch.get_num_threads())
-    _raise_on(rc, q, groups)
+    fn, pp = library().block_attention_backward, probs.data_ptr() if probs is not None else None
+    pn = probs.numel() if probs is not None else 0
+    enc, scale, nt = encode(groups), 1.0 / math.sqrt(D), torch.get_num_threads()
+    for _ in range(2):  # a second time with copies of inputs it could not read in place
+        rc = _call(BACKWARD_EVENT, fn, DTYPES[q.dtype], B, H, L, D, q.data_ptr(), k.data_ptr(), v.data_ptr(),
+                   out.data_ptr(), dout.data_ptr(), _strides(q, k, v, out, dout), lse.data_ptr(), pp, pn,
+                   dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), DTYPES[grad_dtype], enc, len(groups), scale, nt)
+        if rc != -3:
+            break
+        q, k, v, out, dout = (readable(t) for t in (q, k, v, out, dout))
+    _raise_on(rc, q, groups, probs)
     return dq, dk, dv
 
 
@@ -215,21 +225,25 @@ def _call(event: str, fn, *args) -> int:
 _profiling = getattr(torch._C._autograd, "_profiler_enabled", lambda: True)
 
 
-def _check_probs(probs: Tensor | None, q: Tensor, groups) -> None:
-    if probs is None:
-        return
-    want = probs_numel(q.shape[0], q.shape[1], groups, q.dtype)
-    if probs.dtype != q.dtype or not probs.is_contiguous() or probs.numel() != want or probs.data_ptr() % 64:
-        raise ValueError(f"block kernel: probs must be a contiguous {q.dtype} tensor of {want} elements "
-                         f"(probs_numel) starting on a 64-byte boundary (it is written with streaming stores), "
-                         f"not {probs.dtype} {tuple(probs.shape)} at {probs.data_ptr():#x}")
+def _check_probs(probs: Tensor | None, q: Tensor) -> None:
+    """What the Python side checks of the kept probabilities (the kernel checks their size and alignment)."""
+    if probs is not None and (probs.dtype != q.dtype or not probs.is_contiguous()):
+        raise ValueError(f"block kernel: probs must be a contiguous {q.dtype} tensor, not {probs.dtype} "
+                         f"with strides {probs.stride()}")
 
 
-def _raise_on(rc: int, q: Tensor, groups) -> None:
+def _raise_on(rc: int, q: Tensor, groups, probs: Tensor | None) -> None:
     if rc == -2:
         bad = next(g for g in groups if not takes(g))
         raise ValueError(f"block kernel rejected query group {bad}: it needs query counts and range lengths "
                          f"that are multiples of 16 and even starts (see `takes`)")
+    if rc == -3:
+        raise ValueError("block kernel: out must have its last axis contiguous (and, in bf16, even strides)")
+    if rc == -4:
+        want = probs_numel(q.shape[0], q.shape[1], groups, q.dtype)
+        raise ValueError(f"block kernel: probs must hold {want} elements (probs_numel) and start on a 64-byte "
+                         f"boundary (they are written with streaming stores), not {probs.numel()} at "
+                         f"{probs.data_ptr():#x}")
     if rc != 0:
         raise ValueError(f"block kernel rejected q {tuple(q.shape)} {q.dtype} strides {q.stride()} or its groups "
                          f"(head dim a multiple of 32, groups inside [0, L))")

@@ -4,16 +4,17 @@
 // of its ranges (the union of the ranges, every pair allowed). The operands are packed once per (batch,
 // head) into the layouts the GEMM micro-kernels read. Forward, per (batch, head, group) and tile of query
 // rows: S = Q K^T over the group's ranges (fp32 accumulation), the softmax in fp32, O = P V; optionally
-// the normalised P is kept for the backward ("probs"). Backward, per (batch, head), group, tile of
-// queries and tile of keys: dP = dO V^T, P kept or recomputed (S = Q K^T, P = exp(scale S - lse)),
-// dS = P (dP - delta); dV^T += dO^T P, dK^T += Q^T dS, dQ += dS K, accumulated in fp32 (dK and dQ times
-// the scale when written out).
+// E = exp(scale (S - row max)) and the rows' normalisers are kept for the backward ("probs", P = E / sum).
+// Backward, per (batch, head), group, tile of queries and tile of keys: dP = dO V^T, P kept or recomputed
+// (S = Q K^T, P = exp(scale S - lse)), dS = P (dP - delta); dV^T += dO^T P, dK^T += Q^T dS, dQ += dS K,
+// accumulated in fp32 (dK and dQ times the scale when written out).
 // bf16 operands go through vdpbf16ps (pairs of bf16 along the reduction axis, fp32 sums); P and dS are
 // rounded to the operands' dtype for their products, as GPU flash attention does.
 //
 // Called through ctypes (plain C ABI, raw pointers); tensors are (B, H, L, D) with any strides along
 // B, H, L and the last axis contiguous (the forward's keys and values may be longer or shorter than its
-// queries: (B, H, Lk, D)); lse is (B, H, L) fp32 contiguous; the backward writes dq/dk/dv
+// queries: (B, H, Lk, D)); the entry points check the strides (and the kept probabilities' size) and
+// refuse what they cannot read. lse is (B, H, L) fp32 contiguous; the backward writes dq/dk/dv
 // whole (zero where no group reaches), contiguous, in fp32 or in the inputs' dtype.
 #include <immintrin.h>
 #include <omp.h>
@@ -352,15 +353,26 @@ std::vector<Group> parse_groups(const int32_t* g, int ngroups, int L, int Lk) {
   return out;
 }
 
-// 0, or -1 (a bad size, group or stride: bf16 rows must lie an even number of elements apart), or
-// -2 (a group outside the packed layouts' alignment).
-int check(int dtype, int D, int L, const std::vector<Group>& gs, int ngroups, std::initializer_list<const int64_t*> strides) {
+// 0, or -1 (a bad size or group), -2 (a group outside the packed layouts' alignment), -3 (a tensor the
+// kernel cannot read in place: its last axis not contiguous, or bf16 with an odd stride).
+// strides: (batch, head, position, last) per tensor.
+int check(int dtype, int D, int L, const std::vector<Group>& gs, int ngroups, const int64_t* strides, int ntensors) {
   if (D % 32 != 0 || D > 1024 || dtype < 0 || dtype > 1 || (int)gs.size() != ngroups || L < 1) return -1;
-  for (auto s : strides)
-    if (dtype == 1 && (s[0] % 2 || s[1] % 2 || s[2] % 2)) return -1;
+  for (int t = 0; t < ntensors; t++) {
+    const int64_t* s = strides + 4 * t;
+    if (s[3] != 1 || (dtype == 1 && (s[0] % 2 || s[1] % 2 || s[2] % 2))) return -3;
+  }
   for (auto& g : gs)
     if (!aligned(g)) return -2;
   return 0;
+}
+
+// 0, or -4: kept probabilities of the wrong size or off a 64-byte boundary (they are streamed).
+int check_probs(const void* probs, int64_t numel, int dtype, int B, int H, const std::vector<Group>& gs) {
+  if (!probs) return 0;
+  int64_t per_bh;
+  probs_offsets(gs, dtype == 1 ? 2 : 1, &per_bh);
+  return numel == (int64_t)B * H * per_bh && reinterpret_cast<uintptr_t>(probs) % 64 == 0 ? 0 : -4;
 }
 
 // f(task, worker) for task in [0, n) on up to nthreads workers, in an OpenMP parallel region: the
@@ -761,42 +773,48 @@ Tensor4 t4(const void* p, const int64_t* s) { return Tensor4{static_cast<const c
 
 }  // namespace
 
-// dtype: 0 fp32, 1 bf16. Strides (3 per tensor: batch, head, position) in elements. groups: per group
-// q0, q1, number of ranges, then (start, end) per range. Returns what `check` returns.
-extern "C" int block_attention_forward(int dtype, int B, int H, int L, int Lk, int D, const void* q, const int64_t* qs,
-                                       const void* k, const int64_t* ks, const void* v, const int64_t* vs, void* o,
-                                       const int64_t* os, float* lse, void* probs, const int32_t* groups, int ngroups,
-                                       float scale, int nthreads) {
+// dtype: 0 fp32, 1 bf16. strides: 4 per tensor (batch, head, position, last), in elements, for q, k, v, o
+// (and dout). groups: per group q0, q1, number of ranges, then (start, end) per range. probs: null, or
+// probs_numel elements. Returns what `check` and `check_probs` return.
+extern "C" int block_attention_forward(int dtype, int B, int H, int L, int Lk, int D, const void* q, const void* k,
+                                       const void* v, void* o, const int64_t* strides, float* lse, void* probs,
+                                       int64_t probs_numel, const int32_t* groups, int ngroups, float scale,
+                                       int nthreads) {
   auto gs = parse_groups(groups, ngroups, L, Lk);
-  if (int rc = check(dtype, D, std::min(L, Lk), gs, ngroups, {qs, ks, vs, os})) return rc;
+  if (int rc = check(dtype, D, std::min(L, Lk), gs, ngroups, strides, 4)) return rc;
   if (probs && Lk != L) return -1;
+  if (int rc = check_probs(probs, probs_numel, dtype, B, H, gs)) return rc;
   std::lock_guard<std::mutex> hold(call_lock);
   nthreads = std::max(1, std::min(nthreads, MAX_THREADS));
+  const int64_t* s = strides;
   if (dtype == 0)
-    forward<float>(B, H, D, t4(q, qs), t4(k, ks), t4(v, vs), t4(o, os), lse, static_cast<float*>(probs), L, Lk, gs,
-                   scale, nthreads);
+    forward<float>(B, H, D, t4(q, s), t4(k, s + 4), t4(v, s + 8), t4(o, s + 12), lse, static_cast<float*>(probs), L,
+                   Lk, gs, scale, nthreads);
   else
-    forward<bf16>(B, H, D, t4(q, qs), t4(k, ks), t4(v, vs), t4(o, os), lse, static_cast<bf16*>(probs), L, Lk, gs,
-                  scale, nthreads);
+    forward<bf16>(B, H, D, t4(q, s), t4(k, s + 4), t4(v, s + 8), t4(o, s + 12), lse, static_cast<bf16*>(probs), L,
+                  Lk, gs, scale, nthreads);
   _mm_sfence();  // the streamed stores of the kept probabilities
   return 0;
 }
 
-extern "C" int block_attention_backward(int dtype, int B, int H, int L, int D, const void* q, const int64_t* qs,
-                                        const void* k, const int64_t* ks, const void* v, const int64_t* vs,
-                                        const void* o, const int64_t* os, const void* dout, const int64_t* dos,
-                                        const float* lse, const void* probs, void* dq, void* dk, void* dv, int grad_dtype,
-                                        const int32_t* groups, int ngroups, float scale, int nthreads) {
+extern "C" int block_attention_backward(int dtype, int B, int H, int L, int D, const void* q, const void* k,
+                                        const void* v, const void* o, const void* dout, const int64_t* strides,
+                                        const float* lse, const void* probs, int64_t probs_numel, void* dq, void* dk,
+                                        void* dv, int grad_dtype, const int32_t* groups, int ngroups, float scale,
+                                        int nthreads) {
   auto gs = parse_groups(groups, ngroups, L, L);
-  if (int rc = check(dtype, D, L, gs, ngroups, {qs, ks, vs, os, dos})) return rc;
+  if (int rc = check(dtype, D, L, gs, ngroups, strides, 5)) return rc;
   if (grad_dtype != 0 && grad_dtype != dtype) return -1;
+  if (int rc = check_probs(probs, probs_numel, dtype, B, H, gs)) return rc;
   std::lock_guard<std::mutex> hold(call_lock);
   nthreads = std::max(1, std::min(nthreads, MAX_THREADS));
+  const int64_t* s = strides;
   auto run = [&](auto t, auto g) {
     using T = decltype(t);
     using G = decltype(g);
-    backward<T, G>(B, H, D, t4(q, qs), t4(k, ks), t4(v, vs), t4(o, os), t4(dout, dos), lse, static_cast<G*>(dq),
-                   static_cast<G*>(dk), static_cast<G*>(dv), static_cast<const T*>(probs), L, gs, scale, nthreads);
+    backward<T, G>(B, H, D, t4(q, s), t4(k, s + 4), t4(v, s + 8), t4(o, s + 12), t4(dout, s + 16), lse,
+                   static_cast<G*>(dq), static_cast<G*>(dk), static_cast<G*>(dv), static_cast<const T*>(probs), L, gs,
+                   scale, nthreads);
   };
   if (dtype == 0)
     run(float(), float());
