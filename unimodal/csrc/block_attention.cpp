@@ -600,6 +600,67 @@ struct Ahead {
     while (l < lines) step();
   }
 };
+// bf16 with kept probabilities: dS of 2 PAIRS rows and 16 NV columns of a tile, dP = dO V^T held in
+// registers (K = D). E (kept, pairs, 2 ld elements per pair of rows), nrm and dlt (per row) at the block's
+// first row; dS = E (dP nrm - dlt) to dSr (row-major, rows ld apart) and dSb (pairs, 2 ld per pair).
+template <int PAIRS_, int NV>
+void micro_ds(int K, const bf16* A, int lda, const bf16* Bp, int ldb, const bf16* E, const float* nrm,
+              const float* dlt, bf16* dSr, bf16* dSb, int ld, Ahead* ahead) {
+  if (K <= 0) __builtin_unreachable();
+  constexpr int MR = 2 * PAIRS_;
+  __m512 acc[MR][NV];
+  for (int i = 0; i < MR; i++)
+    for (int j = 0; j < NV; j++) acc[i][j] = _mm512_setzero_ps();
+  for (int k = 0; k < K; k += 2) {
+    __m512bh b[NV];
+    for (int j = 0; j < NV; j++) b[j] = (__m512bh)_mm512_loadu_si512(Bp + (size_t)(k / 2) * ldb * 2 + 32 * j);
+    for (int i = 0; i < MR; i++) {
+      int32_t pair;
+      std::memcpy(&pair, A + i * lda + k, 4);
+      __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
+      for (int j = 0; j < NV; j++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], a, b[j]);
+    }
+  }
+  const __m512i hi = _mm512_set1_epi32(int(0xffff0000u));
+  for (int p = 0; p < PAIRS_; p++) {
+    const __m512 n0 = _mm512_set1_ps(nrm[2 * p]), n1 = _mm512_set1_ps(nrm[2 * p + 1]);
+    const __m512 d0 = _mm512_set1_ps(dlt[2 * p]), d1 = _mm512_set1_ps(dlt[2 * p + 1]);
+    for (int j = 0; j < NV; j++) {
+      ahead->step();
+      const __m512i x = _mm512_loadu_si512(E + (size_t)p * 2 * ld + 32 * j);  // rows 2p, 2p + 1: low, high halves
+      const __m512 s0 = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32(x, 16)), _mm512_fmsub_ps(acc[2 * p][j], n0, d0));
+      const __m512 s1 = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_and_si512(x, hi)), _mm512_fmsub_ps(acc[2 * p + 1][j], n1, d1));
+      const __m512i y = (__m512i)_mm512_cvtne2ps_pbh(s1, s0);  // row 2p's 16, then row 2p + 1's
+      _mm256_storeu_si256((__m256i*)(dSr + (size_t)2 * p * ld + 16 * j), _mm512_castsi512_si256(y));
+      _mm256_storeu_si256((__m256i*)(dSr + (size_t)(2 * p + 1) * ld + 16 * j), _mm512_extracti64x4_epi64(y, 1));
+      _mm512_storeu_si512(dSb + (size_t)p * 2 * ld + 32 * j, _mm512_permutexvar_epi16(PAIRS, y));
+    }
+  }
+}
+
+using DsFn = void (*)(int, const bf16*, int, const bf16*, int, const bf16*, const float*, const float*, bf16*, bf16*,
+                      int, Ahead*);
+
+// dS of an M x N tile (M even, N a multiple of 16) through micro_ds: panels of up to 4 vectors, calls of up
+// to 3 pairs of rows (split evenly).
+void gemm_ds(int M, int N, int K, const bf16* A, int lda, const bf16* Bp, int ldb, const bf16* E, const float* nrm,
+             const float* dlt, bf16* dSr, bf16* dSb, Ahead* ahead) {
+  static const DsFn table[4][3] = {{&micro_ds<1, 1>, &micro_ds<2, 1>, &micro_ds<3, 1>},
+                                   {&micro_ds<1, 2>, &micro_ds<2, 2>, &micro_ds<3, 2>},
+                                   {&micro_ds<1, 3>, &micro_ds<2, 3>, &micro_ds<3, 3>},
+                                   {&micro_ds<1, 4>, &micro_ds<2, 4>, &micro_ds<3, 4>}};
+  const int pairs = M / 2, calls = (pairs + 2) / 3, base = pairs / calls, big = pairs - base * calls;
+  for (int n0 = 0, nv; n0 < N; n0 += 16 * nv) {
+    nv = std::min(4, (N - n0) / 16);
+    for (int c = 0, m0 = 0; c < calls; c++) {
+      const int np = base + (c < big);
+      table[nv - 1][np - 1](K, A + (size_t)m0 * lda, lda, Bp + (size_t)n0 * 2, ldb, E + (size_t)m0 * N + 2 * n0,
+                            nrm + m0, dlt + m0, dSr + (size_t)m0 * N + n0, dSb + (size_t)m0 * N + 2 * n0, N, ahead);
+      m0 += 2 * np;
+    }
+  }
+}
+
 // Per (batch, head), group, tile of queries (rows) and tile of keys: dP = dO V^T; P from the kept
 // probabilities, or recomputed (S = Q K^T, P = exp(scale S - lse)); dS = P (dP - delta);
 // dV^T += dO^T P and dK^T += Q^T dS (fp32 sums D x L over all groups), dQ += dS K (fp32, per query tile).
@@ -690,47 +751,57 @@ void backward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, T
               if (gi == 0 && r0 == 0 && kc == 0) Ahead(Pb, tile_lines).rest();
               ahead = Ahead(Pb + (size_t)nr * nk, tile_lines);  // past the group's end: the next group's first
             }
-            gemm<T>(nr, nk, D, row_ptr<T>(dout, b, h, qa), dout.sl, Vt + (size_t)k0 * KS, Lt, dPb, nk, false);
-            if (!gprobs)
-              gemm<T>(nr, nk, D, row_ptr<T>(q, b, h, qa), q.sl, Kt + (size_t)k0 * KS, Lt, Sb, nk, false);
-            const __m512 sl2 = _mm512_set1_ps(scale * LOG2E);
-            for (int i = 0; i < nr; i += KS) {
-              const __m512 l0 = _mm512_set1_ps(lse2[r0 + i]), d0 = _mm512_set1_ps(delta[r0 + i]);
-              const __m512 n0 = _mm512_set1_ps(norm[r0 + i]);
-              if constexpr (KStep<T>::v == 2) {
-                const __m512 l1 = _mm512_set1_ps(lse2[r0 + i + 1]), d1 = _mm512_set1_ps(delta[r0 + i + 1]);
-                const __m512 n1 = _mm512_set1_ps(norm[r0 + i + 1]);
-                for (int c = 0; c < nk; c += 16) {
-                  __m512 p0, p1;
-                  if (gprobs) {  // the two rows' values are the low and high halves of each 32-bit word
-                    ahead.step();
-                    __m512i x = _mm512_loadu_si512(Pb + (size_t)i * nk + 2 * c);
-                    p0 = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
-                    p1 = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(int(0xffff0000u))));
-                  } else {
-                    p0 = exp2_16<EXP_DEG<T>>(_mm512_fmsub_ps(_mm512_loadu_ps(&Sb[(size_t)i * nk + c]), sl2, l0));
-                    p1 = exp2_16<EXP_DEG<T>>(_mm512_fmsub_ps(_mm512_loadu_ps(&Sb[(size_t)(i + 1) * nk + c]), sl2, l1));
-                    _mm512_storeu_si512(&Pw[(size_t)i * nk + 2 * c], interleave_bf16(p0, p1));
+            bool fused = false;
+            if constexpr (KStep<T>::v == 2) {
+              if (gprobs) {  // dP in registers, dS straight from it
+                gemm_ds(nr, nk, D, row_ptr<T>(dout, b, h, qa), dout.sl, Vt + (size_t)k0 * KS, Lt, Pb, &norm[r0],
+                        &delta[r0], dSr, dSb, &ahead);
+                fused = true;
+              }
+            }
+            if (!fused) {
+              gemm<T>(nr, nk, D, row_ptr<T>(dout, b, h, qa), dout.sl, Vt + (size_t)k0 * KS, Lt, dPb, nk, false);
+              if (!gprobs)
+                gemm<T>(nr, nk, D, row_ptr<T>(q, b, h, qa), q.sl, Kt + (size_t)k0 * KS, Lt, Sb, nk, false);
+              const __m512 sl2 = _mm512_set1_ps(scale * LOG2E);
+              for (int i = 0; i < nr; i += KS) {
+                const __m512 l0 = _mm512_set1_ps(lse2[r0 + i]), d0 = _mm512_set1_ps(delta[r0 + i]);
+                const __m512 n0 = _mm512_set1_ps(norm[r0 + i]);
+                if constexpr (KStep<T>::v == 2) {
+                  const __m512 l1 = _mm512_set1_ps(lse2[r0 + i + 1]), d1 = _mm512_set1_ps(delta[r0 + i + 1]);
+                  const __m512 n1 = _mm512_set1_ps(norm[r0 + i + 1]);
+                  for (int c = 0; c < nk; c += 16) {
+                    __m512 p0, p1;
+                    if (gprobs) {  // the two rows' values are the low and high halves of each 32-bit word
+                      ahead.step();
+                      __m512i x = _mm512_loadu_si512(Pb + (size_t)i * nk + 2 * c);
+                      p0 = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+                      p1 = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(int(0xffff0000u))));
+                    } else {
+                      p0 = exp2_16<EXP_DEG<T>>(_mm512_fmsub_ps(_mm512_loadu_ps(&Sb[(size_t)i * nk + c]), sl2, l0));
+                      p1 = exp2_16<EXP_DEG<T>>(_mm512_fmsub_ps(_mm512_loadu_ps(&Sb[(size_t)(i + 1) * nk + c]), sl2, l1));
+                      _mm512_storeu_si512(&Pw[(size_t)i * nk + 2 * c], interleave_bf16(p0, p1));
+                    }
+                    __m512 s0 = _mm512_mul_ps(p0, _mm512_fmsub_ps(_mm512_loadu_ps(&dPb[(size_t)i * nk + c]), n0, d0));
+                    __m512 s1 = _mm512_mul_ps(p1, _mm512_fmsub_ps(_mm512_loadu_ps(&dPb[(size_t)(i + 1) * nk + c]), n1, d1));
+                    const __m512i x = (__m512i)_mm512_cvtne2ps_pbh(s1, s0);  // row i's 16, then row i + 1's
+                    _mm256_storeu_si256((__m256i*)&dSr[(size_t)i * nk + c], _mm512_castsi512_si256(x));
+                    _mm256_storeu_si256((__m256i*)&dSr[(size_t)(i + 1) * nk + c], _mm512_extracti64x4_epi64(x, 1));
+                    _mm512_storeu_si512(&dSb[(size_t)i * nk + 2 * c], _mm512_permutexvar_epi16(PAIRS, x));
                   }
-                  __m512 s0 = _mm512_mul_ps(p0, _mm512_fmsub_ps(_mm512_loadu_ps(&dPb[(size_t)i * nk + c]), n0, d0));
-                  __m512 s1 = _mm512_mul_ps(p1, _mm512_fmsub_ps(_mm512_loadu_ps(&dPb[(size_t)(i + 1) * nk + c]), n1, d1));
-                  const __m512i x = (__m512i)_mm512_cvtne2ps_pbh(s1, s0);  // row i's 16, then row i + 1's
-                  _mm256_storeu_si256((__m256i*)&dSr[(size_t)i * nk + c], _mm512_castsi512_si256(x));
-                  _mm256_storeu_si256((__m256i*)&dSr[(size_t)(i + 1) * nk + c], _mm512_extracti64x4_epi64(x, 1));
-                  _mm512_storeu_si512(&dSb[(size_t)i * nk + 2 * c], _mm512_permutexvar_epi16(PAIRS, x));
-                }
-              } else {
-                for (int c = 0; c < nk; c += 16) {
-                  __m512 p0;
-                  if (gprobs) {
-                    ahead.step();
-                    p0 = load16(Pb + (size_t)i * nk + c);
-                  } else {
-                    p0 = exp2_16<EXP_DEG<T>>(_mm512_fmsub_ps(_mm512_loadu_ps(&Sb[(size_t)i * nk + c]), sl2, l0));
-                    store16(&Pw[(size_t)i * nk + c], p0);
+                } else {
+                  for (int c = 0; c < nk; c += 16) {
+                    __m512 p0;
+                    if (gprobs) {
+                      ahead.step();
+                      p0 = load16(Pb + (size_t)i * nk + c);
+                    } else {
+                      p0 = exp2_16<EXP_DEG<T>>(_mm512_fmsub_ps(_mm512_loadu_ps(&Sb[(size_t)i * nk + c]), sl2, l0));
+                      store16(&Pw[(size_t)i * nk + c], p0);
+                    }
+                    store16(&dSr[(size_t)i * nk + c],
+                            _mm512_mul_ps(p0, _mm512_fmsub_ps(_mm512_loadu_ps(&dPb[(size_t)i * nk + c]), n0, d0)));
                   }
-                  store16(&dSr[(size_t)i * nk + c],
-                          _mm512_mul_ps(p0, _mm512_fmsub_ps(_mm512_loadu_ps(&dPb[(size_t)i * nk + c]), n0, d0)));
                 }
               }
             }
