@@ -389,17 +389,8 @@ def _kernel_split(q: Tensor, groups: list) -> tuple[list, list]:
     """The groups the fused CPU kernel takes (`block_kernel.takes`) and the rest (ATen's kernels)."""
     if not block_kernel.supports(q):
         return [], groups
-    hit = _SPLIT_KERNEL.get(id(groups))
-    if hit is None or hit[0] is not groups:  # kept per group list (query_groups caches its lists)
-        fused = [g for g in groups if block_kernel.takes(g)]
-        rest = [g for g in groups if not block_kernel.takes(g)]
-        if len(_SPLIT_KERNEL) > 256:
-            _SPLIT_KERNEL.clear()
-        hit = _SPLIT_KERNEL[id(groups)] = (groups, fused, rest)
-    return hit[1], hit[2]
-
-
-_SPLIT_KERNEL: dict = {}
+    return block_kernel.per_list("split", groups, lambda gs: (
+        [g for g in gs if block_kernel.takes(g)], [g for g in gs if not block_kernel.takes(g)]))
 
 
 class _BlockSDPA(torch.autograd.Function):

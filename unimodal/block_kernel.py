@@ -112,22 +112,31 @@ def takes(group) -> bool:
             and all((e - s) % 16 == 0 and s % 2 == 0 for s, e in group.k_ranges))
 
 
-_ENCODED: dict = {}
+_PER_LIST: dict = {}  # (what, id(groups)) -> (groups, value)
+
+
+def per_list(what: str, groups, compute):
+    """compute(groups), kept per group list (`masks.query_groups` keeps its lists, so a layout's groups
+    are the same object from call to call); the list itself is held with the value, so its id stays its own."""
+    key = (what, id(groups))
+    hit = _PER_LIST.get(key)
+    if hit is None or hit[0] is not groups:
+        if len(_PER_LIST) > 1024:
+            _PER_LIST.clear()
+        hit = _PER_LIST[key] = (groups, compute(groups))
+    return hit[1]
 
 
 def encode(groups) -> ctypes.Array:
     """Query groups -> the kernel's int32 description (q0, q1, n_ranges, ranges...), kept per group list."""
-    hit = _ENCODED.get(id(groups))
-    if hit is not None and hit[0] is groups:
-        return hit[1]
+    return per_list("encode", groups, _encode)
+
+
+def _encode(groups) -> ctypes.Array:
     flat = []
     for g in groups:
         flat += [g.q0, g.q1, len(g.k_ranges)] + [x for r in g.k_ranges for x in r]
-    arr = (ctypes.c_int32 * len(flat))(*flat)
-    if len(_ENCODED) > 256:
-        _ENCODED.clear()
-    _ENCODED[id(groups)] = (groups, arr)
-    return arr
+    return (ctypes.c_int32 * len(flat))(*flat)
 
 
 def readable(t: Tensor) -> Tensor:
@@ -144,19 +153,12 @@ def _strides(*ts: Tensor) -> ctypes.Array:
     return (ctypes.c_int64 * len(flat))(*flat)
 
 
-_PAIRS: dict = {}
-
-
 def probs_numel(B: int, H: int, groups, dtype: torch.dtype) -> int:
     """Elements (of dtype) of the kept probabilities of these groups: one per allowed (query, key) pair,
-    and an fp32 normaliser per query (the counts kept per group list, as `encode` keeps its encoding)."""
-    hit = _PAIRS.get(id(groups))
-    if hit is None or hit[0] is not groups:
-        if len(_PAIRS) > 256:
-            _PAIRS.clear()
-        pairs = sum((g.q1 - g.q0) * sum(e - s for s, e in g.k_ranges) for g in groups)
-        hit = _PAIRS[id(groups)] = (groups, pairs, sum(g.q1 - g.q0 for g in groups))
-    return B * H * (hit[1] + hit[2] * (32 // torch.finfo(dtype).bits))  # a normaliser: 32 bits
+    and an fp32 normaliser per query (the counts kept per group list)."""
+    pairs, queries = per_list("pairs", groups, lambda gs: (
+        sum((g.q1 - g.q0) * sum(e - s for s, e in g.k_ranges) for g in gs), sum(g.q1 - g.q0 for g in gs)))
+    return B * H * (pairs + queries * (32 // torch.finfo(dtype).bits))  # a normaliser: 32 bits
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, groups, probs: Tensor | None = None) -> Tensor:
