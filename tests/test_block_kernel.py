@@ -159,6 +159,14 @@ def test_kernel_rejects_groups_it_cannot_pack():
     outside = [masks.QueryGroup(0, 16, ((0, 48),), None)]  # keys past L = 40
     with pytest.raises(ValueError, match="rejected"):
         block_kernel.forward(q, k, v, torch.empty_like(q), outside)
+    # the C entry point itself refuses a negative group count (-1) instead of failing inside
+    ok = [masks.QueryGroup(0, 16, ((0, 16),), None)]
+    out, lse = torch.empty_like(q), torch.empty(1, 1, 40)
+    args = lambda n: (0, 1, 1, 40, 40, 32, q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),  # noqa: E731
+                      block_kernel._strides(q, k, v, out), lse.data_ptr(), None, 0, block_kernel.encode(ok), n,
+                      32 ** -0.5, 1)
+    assert block_kernel.library().block_attention_forward(*args(1)) == 0
+    assert block_kernel.library().block_attention_forward(*args(-1)) == -1
 
 
 def test_bf16_rows_an_odd_number_of_elements_apart_are_copied_not_misread():

@@ -337,8 +337,10 @@ bool aligned(const Group& g) {  // what the packed layouts need: 16-multiples, e
   return true;
 }
 
-// The groups, or an empty list if one reaches outside [0, L) (queries) or [0, Lk) (keys) or is empty.
+// The groups, or an empty list if one reaches outside [0, L) (queries) or [0, Lk) (keys) or is empty (or the
+// count is negative).
 std::vector<Group> parse_groups(const int32_t* g, int ngroups, int L, int Lk) {
+  if (ngroups < 0) return {};
   std::vector<Group> out(ngroups);
   for (int i = 0; i < ngroups; i++) {
     out[i].q0 = *g++;
