@@ -6,7 +6,7 @@
 // rows: S = Q K^T over the group's ranges (fp32 accumulation), the softmax in fp32, O = P V; optionally
 // E = exp(scale (S - row max)) and the rows' normalisers are kept for the backward ("probs", P = E / sum).
 // Backward, per (batch, head), group, tile of queries and tile of keys: dP = dO V^T, P kept or recomputed
-// (S = Q K^T, P = exp(scale S - lse)), dS = P (dP - delta); dV^T += dO^T P, dK^T += Q^T dS, dQ += dS K,
+// (S = Q K^T, P = exp(scale S - lse)), dS = P (dP - delta); dV += P^T dO, dK += dS^T Q, dQ += dS K,
 // accumulated in fp32 (dK and dQ times the scale when written out).
 // bf16 operands go through vdpbf16ps (pairs of bf16 along the reduction axis, fp32 sums); P and dS are
 // rounded to the operands' dtype for their products, as GPU flash attention does.
@@ -89,8 +89,9 @@ inline void log16_rows(int n, const float* mx, const float* sum, float scale, fl
 }
 
 // ---------------------------------------------------------------- GEMM: C (M x N, fp32) (+)= A (M x K) Bp (K x N)
-// A row-major with K contiguous (lda elements); Bp packed: fp32 [K][ldb], bf16 [K/2][ldb][2].
-// N a multiple of 16; for bf16 K even (callers pad with zeros).
+// A: row i at A + i lda, its element k (fp32) or pair of elements k, k+1 (bf16) at (k / KS) ldk from there
+// (row-major: ldk = KS); Bp packed: fp32 [K][ldb], bf16 [K/2][ldb][2]. N a multiple of 16; for bf16 K even
+// (callers pad with zeros).
 
 template <typename T> struct KStep;
 template <> struct KStep<float> { static constexpr int v = 1; };
@@ -98,7 +99,7 @@ template <> struct KStep<bf16> { static constexpr int v = 2; };
 template <typename T> constexpr int EXP_DEG = KStep<T>::v == 2 ? 5 : 6;
 
 template <typename T, int MR, int NV, bool ACC>
-void micro(int K, const T* A, int lda, const T* Bp, int ldb, float* C, int ldc) {
+void micro(int K, const T* A, int lda, int ldk, const T* Bp, int ldb, float* C, int ldc) {
   if (K <= 0) __builtin_unreachable();
   __m512 acc[MR][NV];
   for (int i = 0; i < MR; i++)
@@ -108,7 +109,7 @@ void micro(int K, const T* A, int lda, const T* Bp, int ldb, float* C, int ldc) 
       __m512 b[NV];
       for (int j = 0; j < NV; j++) b[j] = _mm512_loadu_ps(Bp + (size_t)k * ldb + 16 * j);
       for (int i = 0; i < MR; i++) {
-        __m512 a = _mm512_set1_ps(A[i * lda + k]);
+        __m512 a = _mm512_set1_ps(A[i * lda + (size_t)k * ldk]);
         for (int j = 0; j < NV; j++) acc[i][j] = _mm512_fmadd_ps(a, b[j], acc[i][j]);
       }
     }
@@ -119,7 +120,7 @@ void micro(int K, const T* A, int lda, const T* Bp, int ldb, float* C, int ldc) 
         b[j] = (__m512bh)_mm512_loadu_si512(Bp + (size_t)(k / 2) * ldb * 2 + 32 * j);
       for (int i = 0; i < MR; i++) {
         int32_t pair;
-        std::memcpy(&pair, A + i * lda + k, 4);
+        std::memcpy(&pair, A + i * lda + (size_t)(k / 2) * ldk, 4);
         __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
         for (int j = 0; j < NV; j++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], a, b[j]);
       }
@@ -130,7 +131,7 @@ void micro(int K, const T* A, int lda, const T* Bp, int ldb, float* C, int ldc) 
 }
 
 template <typename T>
-using MicroFn = void (*)(int, const T*, int, const T*, int, float*, int);
+using MicroFn = void (*)(int, const T*, int, int, const T*, int, float*, int);
 
 template <typename T, int NV, bool ACC, int... MRs>
 constexpr auto micro_row(std::integer_sequence<int, MRs...>) {
@@ -142,7 +143,8 @@ inline int mr_for(int nv) { return nv == 4 ? 6 : 8; }  // accumulators + B vecto
 
 // Column panels of 4 vectors (6 rows per micro-kernel call), then 3, 2 or 1 (8 rows).
 template <typename T>
-void gemm(int M, int N, int K, const T* A, int lda, const T* Bp, int ldb, float* C, int ldc, bool accumulate) {
+void gemm(int M, int N, int K, const T* A, int lda, const T* Bp, int ldb, float* C, int ldc, bool accumulate,
+          int ldk = KStep<T>::v) {
   using Seq = std::make_integer_sequence<int, MAX_MR>;
   static const std::array<MicroFn<T>, MAX_MR> table[2][4] = {
       {micro_row<T, 1, false>(Seq{}), micro_row<T, 2, false>(Seq{}), micro_row<T, 3, false>(Seq{}),
@@ -156,7 +158,7 @@ void gemm(int M, int N, int K, const T* A, int lda, const T* Bp, int ldb, float*
     const int calls = (M + MR - 1) / MR, big = M - (M / calls) * calls;  // rows split evenly: no thin last call
     for (int c = 0, m0 = 0; c < calls; c++) {
       int mr = M / calls + (c < big);
-      table[accumulate][nv - 1][mr - 1](K, A + (size_t)m0 * lda, lda, B, ldb, C + (size_t)m0 * ldc + n0, ldc);
+      table[accumulate][nv - 1][mr - 1](K, A + (size_t)m0 * lda, lda, ldk, B, ldb, C + (size_t)m0 * ldc + n0, ldc);
       m0 += mr;
     }
   }
@@ -222,12 +224,24 @@ void pack_transposed(const T* x, int64_t sl, int L, int D, T* out, int ld, const
 }
 
 // out (Lp x D), Lp = L rounded up to even: element (r, d) = x[r][d], the B operand of "(. x L) . x"
-// (bf16: rows r, r+1 interleaved); a missing last row is zero.
+// (bf16: rows r, r+1 interleaved); a missing last row is zero. Each row r times rs[r] when rs is given.
 template <typename T>
-void pack_rows(const T* x, int64_t sl, int L, int D, T* out) {
+void pack_rows(const T* x, int64_t sl, int L, int D, T* out, const float* rs = nullptr) {
   if constexpr (KStep<T>::v == 1) {
-    for (int r = 0; r < L; r++) std::memcpy(out + (size_t)r * D, x + r * sl, D * sizeof(T));
+    for (int r = 0; r < L; r++)
+      if (!rs) {
+        std::memcpy(out + (size_t)r * D, x + r * sl, D * sizeof(T));
+      } else {
+        const __m512 f = _mm512_set1_ps(rs[r]);
+        for (int d = 0; d < D; d += 16) _mm512_storeu_ps(out + (size_t)r * D + d, _mm512_mul_ps(f, _mm512_loadu_ps(x + r * sl + d)));
+      }
   } else {
+    // 32 bf16 of row r times f
+    auto scaled = [](__m512i y, __m512 f) {
+      __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(y)), 16));
+      __m512 hi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(y, 1)), 16));
+      return (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, f), _mm512_mul_ps(lo, f));
+    };
     const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
                                         39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
     const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
@@ -236,55 +250,14 @@ void pack_rows(const T* x, int64_t sl, int L, int D, T* out) {
       for (int d = 0; d < D; d += 32) {
         __m512i a = _mm512_loadu_si512(x + r * sl + d);
         __m512i b = r + 1 < L ? _mm512_loadu_si512(x + (r + 1) * sl + d) : _mm512_setzero_si512();
+        if (rs) {
+          a = scaled(a, _mm512_set1_ps(rs[r]));
+          if (r + 1 < L) b = scaled(b, _mm512_set1_ps(rs[r + 1]));
+        }
         _mm512_storeu_si512(o + 2 * d, _mm512_permutex2var_epi16(a, lo, b));
         _mm512_storeu_si512(o + 2 * d + 32, _mm512_permutex2var_epi16(a, hi, b));
       }
     }
-  }
-}
-
-// out (D x L, rows ld apart) element (d, r) = x[r][d], plain (bf16 elements one by one): the A operand
-// of "x^T . (L x .)"; each row r times rs[r] when rs is given.
-template <typename T>
-void plain_transposed(const T* x, int64_t sl, int L, int D, T* out, int ld, const float* rs = nullptr) {
-  if constexpr (KStep<T>::v == 1) {
-    pack_transposed<T>(x, sl, L, D, out, ld, rs);
-  } else {
-    // 32 bf16 (rows r..r+31 of one column) times rs[r..r+31]
-    auto scaled = [&](__m512i y, int r) {
-      if (!rs) return y;
-      __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(y)), 16));
-      __m512 hi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(y, 1)), 16));
-      return (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, _mm512_loadu_ps(rs + r + 16)),
-                                          _mm512_mul_ps(lo, _mm512_loadu_ps(rs + r)));
-    };
-    const int r32 = L / 32 * 32;
-    const int32_t* w = reinterpret_cast<const int32_t*>(x);
-    const int64_t ws = sl / 2;
-    alignas(64) int16_t ev[32];
-    for (int i = 0; i < 32; i++) ev[i] = int16_t(2 * i);
-    const __m512i even = _mm512_load_si512(ev), odd = _mm512_add_epi16(even, _mm512_set1_epi16(1));
-    __m512i t0[16], t1[16];
-    for (int r = 0; r < r32; r += 32)
-      for (int c0 = 0; c0 < D / 2; c0 += 16) {
-        transpose16(w + r * ws + c0, ws, t0);         // rows r..r+15: words (d, d+1), d = 2 (c0 + c)
-        transpose16(w + (r + 16) * ws + c0, ws, t1);  // rows r+16..r+31
-        for (int c = 0; c < 16; c++) {
-          _mm512_storeu_si512(out + (size_t)(2 * (c0 + c)) * ld + r, scaled(_mm512_permutex2var_epi16(t0[c], even, t1[c]), r));
-          _mm512_storeu_si512(out + (size_t)(2 * (c0 + c) + 1) * ld + r, scaled(_mm512_permutex2var_epi16(t0[c], odd, t1[c]), r));
-        }
-      }
-    for (int r = r32; r < L; r++)
-      for (int d = 0; d < D; d++) {
-        if (!rs) {
-          out[(size_t)d * ld + r] = x[r * sl + d];
-          continue;
-        }
-        float f;
-        uint32_t u = uint32_t(x[r * sl + d]) << 16;
-        std::memcpy(&f, &u, 4);
-        store1(out + (size_t)d * ld + r, f * rs[r]);
-      }
   }
 }
 
@@ -309,11 +282,11 @@ constexpr int QT_BWD = 64, KT_BWD = 128;
 // The kept probabilities ("probs"): one block per (batch, head), in it one block per group (at the sum of
 // the earlier groups' sizes). A group's block holds E = exp(scale S - row max) (queries x the group's m keys,
 // its ranges side by side: the softmax before its normalisation), then the queries' normalisers 1 / sum_k E
-// (fp32, one per query: KS elements of T). P = E / sum: the backward folds the normaliser into dO^T (the A
-// operand of dV^T += dO^T E) and into dP - delta (dS = E (dP / sum - delta / sum)).
+// (fp32, one per query: KS elements of T). P = E / sum: the backward folds the normaliser into dO (the B
+// operand of dV += E^T dO) and into dP - delta (dS = E (dP / sum - delta / sum)).
 // E is stored tile by tile in the order the backward reads it: the tile of query rows [t0, t0 + nr) and
-// key columns [kc, kc + nk) at t0 m + nr kc, as the B operand of a product that reduces over queries
-// (fp32 row-major; bf16 rows i, i+1 interleaved, [(i/2)][nk][2]).
+// key columns [kc, kc + nk) at t0 m + nr kc (fp32 row-major; bf16 rows i, i+1 interleaved, [(i/2)][nk][2]:
+// transposed, the A operand of a product that reduces over queries).
 std::vector<int64_t> probs_offsets(const std::vector<Group>& gs, int KS, int64_t* per_bh) {
   std::vector<int64_t> off(gs.size());
   int64_t n = 0;
@@ -665,9 +638,10 @@ void gemm_ds(int M, int N, int K, const bf16* A, int lda, const bf16* Bp, int ld
 
 // Per (batch, head), group, tile of queries (rows) and tile of keys: dP = dO V^T; P from the kept
 // probabilities, or recomputed (S = Q K^T, P = exp(scale S - lse)); dS = P (dP - delta);
-// dV^T += dO^T P and dK^T += Q^T dS (fp32 sums D x L over all groups), dQ += dS K (fp32, per query tile).
-// P and dS are the B operands of the first two in the layout of the kept probabilities (bf16: query rows
-// paired), and dS the A operand of the third (row-major).
+// dV += P^T dO and dK += dS^T Q (fp32 sums L x D over all groups), dQ += dS K (fp32, per query tile).
+// P and dS, in the layout of the kept probabilities (bf16: query rows paired), are read transposed as the
+// A operands of the first two (key rows KS elements apart, queries or query pairs KS nk apart); dS
+// row-major is the A operand of the third.
 
 
 template <typename T, typename G>
@@ -680,12 +654,12 @@ void backward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, T
   std::vector<uint8_t> is_query(L, 0);
   for (auto& g : groups) std::fill(is_query.begin() + g.q0, is_query.begin() + g.q1, 1);
   const __m512 zero = _mm512_setzero_ps(), sc = _mm512_set1_ps(scale);
-  // one task per (batch, head): its groups add into the same dK^T, dV^T columns
+  // one task per (batch, head): its groups add into the same dK, dV rows
   parallel_for(B * H, nthreads, [&](int bh, int worker) {
     int b = bh / H, h = bh % H;
     const int64_t base = (int64_t)bh * L;
     Workspace& ws = workspaces[worker];
-    T *Vt = ws.get<T>(0, (size_t)D * Lt), *dOT = ws.get<T>(1, (size_t)D * Lt), *QT = ws.get<T>(2, (size_t)D * Lt);
+    T *Vt = ws.get<T>(0, (size_t)D * Lt), *dOp = ws.get<T>(1, (size_t)Le * D), *Qp = ws.get<T>(2, (size_t)Le * D);
     T *Kp = ws.get<T>(3, (size_t)Le * D), *Kt = probs ? nullptr : ws.get<T>(4, (size_t)D * Lt);
     pack_transposed<T>(rows_of<T>(v, b, h), v.sl, L, D, Vt, Lt);          // B of dO V^T: (D x L)
     float* rowf = nullptr;  // kept: the queries' normalisers, by position (0 off the groups)
@@ -698,9 +672,8 @@ void backward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, T
         std::copy(inv, inv + (g.q1 - g.q0), rowf + g.q0);
       }
     }
-    // A of dO^T P, or (dO / sum)^T E with kept probabilities: (D x L)
-    plain_transposed<T>(rows_of<T>(dout, b, h), dout.sl, L, D, dOT, Lt, rowf);
-    plain_transposed<T>(rows_of<T>(q, b, h), q.sl, L, D, QT, Lt);         // A of Q^T dS: (D x L)
+    pack_rows<T>(rows_of<T>(dout, b, h), dout.sl, L, D, dOp, rowf);      // B of P^T dO, or E^T (dO / sum): (L x D)
+    pack_rows<T>(rows_of<T>(q, b, h), q.sl, L, D, Qp);                    // B of dS^T Q: (L x D)
     pack_rows<T>(rows_of<T>(k, b, h), k.sl, L, D, Kp);                    // B of dS K: (L x D)
     if (!probs) pack_transposed<T>(rows_of<T>(k, b, h), k.sl, L, D, Kt, Lt);  // B of Q K^T: (D x L)
     const size_t tile = (size_t)QT_BWD * KT_BWD + 32;  // per tile: S, dP (fp32); P, dS row-major, dS paired
@@ -708,9 +681,9 @@ void backward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, T
     float *Sb = align64(ws.tiles.get(2 * tile + 16)), *dPb = Sb + tile;
     T *Pw = align64(reinterpret_cast<T*>(ws.tiles_h.get((3 * tile + 32) * sizeof(T) / 2))), *dSr = Pw + tile, *dSb = dSr + tile;
     std::vector<float> dQf((size_t)QT_BWD * D), delta, lse2, norm;
-    float *dKT = ws.grad[0].get((size_t)D * Lt), *dVT = ws.grad[1].get((size_t)D * Lt);  // fp32 sums over groups
-    std::memset(dKT, 0, sizeof(float) * D * Lt);  // the products add straight into them
-    std::memset(dVT, 0, sizeof(float) * D * Lt);
+    float *dKr = ws.grad[0].get((size_t)L * D), *dVr = ws.grad[1].get((size_t)L * D);  // fp32 sums over groups
+    std::memset(dKr, 0, sizeof(float) * L * D);  // the products add straight into them
+    std::memset(dVr, 0, sizeof(float) * L * D);
     for (int l = 0; l < L; l++)
       if (!is_query[l])
         for (int d = 0; d < D; d += 16) store16(dq + (base + l) * D + d, zero);
@@ -808,9 +781,10 @@ void backward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, T
               }
             }
             ahead.rest();
-            const T* dsb = KStep<T>::v == 2 ? dSb : dSr;  // fp32: row-major is the B layout
-            gemm<T>(D, nk, nr, dOT + qa, Lt, Pb, nk, dVT + k0, Lt, true);        // dV^T += dO^T P
-            gemm<T>(D, nk, nr, QT + qa, Lt, dsb, nk, dKT + k0, Lt, true);        // dK^T += Q^T dS
+            // P and dS transposed as A operands: key row kk at kk KS, query pairs (bf16) or queries KS nk apart
+            const T* dsb = KStep<T>::v == 2 ? dSb : dSr;  // fp32: row-major (queries x keys)
+            gemm<T>(nk, D, nr, Pb, KS, dOp + (size_t)qa * D, D, dVr + (size_t)k0 * D, D, true, KS * nk);  // dV += P^T dO
+            gemm<T>(nk, D, nr, dsb, KS, Qp + (size_t)qa * D, D, dKr + (size_t)k0 * D, D, true, KS * nk);  // dK += dS^T Q
             gemm<T>(nr, D, nk, dSr, nk, Kp + (size_t)k0 * D, D, dQa, D, !first);  // dQ += dS K
             first = false;
           }
@@ -821,23 +795,10 @@ void backward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, T
             store16(dq + (base + qa + i) * D + d, _mm512_mul_ps(_mm512_loadu_ps(&dQa[(size_t)i * D + d]), sc));
       }
     }
-    // dK^T, dV^T (D x L) -> dk (times the scale), dv rows
-    const int l16 = L / 16 * 16;
-    __m512i tr[16];
-    for (int l0 = 0; l0 < l16; l0 += 16)
-      for (int d0 = 0; d0 < D; d0 += 16) {
-        transpose16(reinterpret_cast<const int32_t*>(dKT + (size_t)d0 * Lt + l0), Lt, tr);
-        for (int j = 0; j < 16; j++) store16(dk + (base + l0 + j) * D + d0, _mm512_mul_ps(_mm512_castsi512_ps(tr[j]), sc));
-        transpose16(reinterpret_cast<const int32_t*>(dVT + (size_t)d0 * Lt + l0), Lt, tr);
-        for (int j = 0; j < 16; j++) store16(dv + (base + l0 + j) * D + d0, _mm512_castsi512_ps(tr[j]));
-      }
-    alignas(64) float rk[1024], rv[1024];
-    for (int l = l16; l < L; l++) {
-      for (int d = 0; d < D; d++) rk[d] = dKT[(size_t)d * Lt + l] * scale, rv[d] = dVT[(size_t)d * Lt + l];
-      for (int d = 0; d < D; d += 16) {
-        store16(dk + (base + l) * D + d, _mm512_load_ps(rk + d));
-        store16(dv + (base + l) * D + d, _mm512_load_ps(rv + d));
-      }
+    // dK (times the scale), dV rows -> dk, dv
+    for (size_t i = 0; i < (size_t)L * D; i += 16) {
+      store16(dk + base * D + i, _mm512_mul_ps(_mm512_loadu_ps(dKr + i), sc));
+      store16(dv + base * D + i, _mm512_loadu_ps(dVr + i));
     }
   });
 }
