@@ -435,10 +435,21 @@ void forward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, fl
   const int Lt = padded(Lk);
   T* Kt = shared_scratch<T>(0, (size_t)B * H * D * Lt);
   T* Vp = shared_scratch<T>(1, (size_t)B * H * Le * D);
-  parallel_for(B * H, nthreads, [&](int bh, int) {
-    pack_transposed<T>(rows_of<T>(k, bh / H, bh % H), k.sl, Lk, D, &Kt[(size_t)bh * D * Lt], Lt);  // B of Q K^T: (D x Lk)
-    pack_rows<T>(rows_of<T>(v, bh / H, bh % H), v.sl, Lk, D, &Vp[(size_t)bh * Le * D]);       // B of P V: (Lk x D)
-  });
+  // a (batch, head)'s keys and values are packed by the first task that needs them (0 not yet, 1 being
+  // packed, 2 ready): memory-bound copies next to the other workers' products, no region of their own
+  std::unique_ptr<std::atomic<int>[]> packed(new std::atomic<int>[B * H]);
+  for (int i = 0; i < B * H; i++) packed[i].store(0, std::memory_order_relaxed);
+  auto ensure_packed = [&](int bh) {
+    if (packed[bh].load(std::memory_order_acquire) == 2) return;
+    int idle = 0;
+    if (packed[bh].compare_exchange_strong(idle, 1, std::memory_order_acq_rel)) {
+      pack_transposed<T>(rows_of<T>(k, bh / H, bh % H), k.sl, Lk, D, &Kt[(size_t)bh * D * Lt], Lt);  // B of Q K^T: (D x Lk)
+      pack_rows<T>(rows_of<T>(v, bh / H, bh % H), v.sl, Lk, D, &Vp[(size_t)bh * Le * D]);       // B of P V: (Lk x D)
+      packed[bh].store(2, std::memory_order_release);
+      return;
+    }
+    while (packed[bh].load(std::memory_order_acquire) != 2) _mm_pause();
+  };
   std::vector<int> order(B * H * G);
   for (int i = 0; i < (int)order.size(); i++) order[i] = i;
   std::stable_sort(order.begin(), order.end(), [&](int a, int b) {  // largest groups first
@@ -450,6 +461,7 @@ void forward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, fl
     const Group& g = groups[t % G];
     int bh = t / G, b = bh / H, h = bh % H;
     int m = g.keys(), ms = padded(m);
+    ensure_packed(bh);
     const T* kt = &Kt[(size_t)bh * D * Lt];
     const T* vp = &Vp[(size_t)bh * Le * D];
     Workspace& ws = workspaces[worker];
