@@ -295,12 +295,15 @@ std::vector<int64_t> probs_offsets(const std::vector<Group>& gs, int KS, int64_t
   return off;
 }
 
-// 32 bf16 (row i's 16 values, then row i+1's) -> interleaved (i's value, i+1's value, ...).
-const __m512i PAIRS = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
-                                       23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+// 32 bf16 (row i's 16 values, then row i+1's) -> interleaved (i's value, i+1's value, ...). A constant the
+// compiler sees (loop-invariant, kept in a register), not a global it would reload after every store.
+inline __m512i pairs_order() {
+  return _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4,
+                          19, 3, 18, 2, 17, 1, 16, 0);
+}
 // Rows i, i+1 of fp32 (16 values each) -> 32 bf16 interleaved.
 inline __m512i interleave_bf16(__m512 a, __m512 b) {
-  return _mm512_permutexvar_epi16(PAIRS, (__m512i)_mm512_cvtne2ps_pbh(b, a));
+  return _mm512_permutexvar_epi16(pairs_order(), (__m512i)_mm512_cvtne2ps_pbh(b, a));
 }
 
 bool aligned(const Group& g) {  // what the packed layouts need: 16-multiples, even starts
@@ -504,7 +507,7 @@ void forward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, fl
               __m512i x = (__m512i)_mm512_cvtne2ps_pbh(e1, e0);  // row i's 16 values, then row i + 1's
               _mm256_storeu_si256((__m256i*)(p0 + c), _mm512_castsi512_si256(x));
               _mm256_storeu_si256((__m256i*)(p0 + ms + c), _mm512_extracti64x4_epi64(x, 1));
-              _mm512_stream_si512((__m512i*)(out + 2 * (c - kc)), _mm512_permutexvar_epi16(PAIRS, x));
+              _mm512_stream_si512((__m512i*)(out + 2 * (c - kc)), _mm512_permutexvar_epi16(pairs_order(), x));
             }
           });
           rowsum[i] = _mm512_reduce_add_ps(sum0), rowsum[i + 1] = _mm512_reduce_add_ps(sum1);
@@ -620,7 +623,7 @@ void micro_ds(int K, const bf16* A, int lda, const bf16* Bp, int ldb, const bf16
       const __m512i y = (__m512i)_mm512_cvtne2ps_pbh(s1, s0);  // row 2p's 16, then row 2p + 1's
       _mm256_storeu_si256((__m256i*)(dSr + (size_t)2 * p * ld + 16 * j), _mm512_castsi512_si256(y));
       _mm256_storeu_si256((__m256i*)(dSr + (size_t)(2 * p + 1) * ld + 16 * j), _mm512_extracti64x4_epi64(y, 1));
-      _mm512_storeu_si512(dSb + (size_t)p * 2 * ld + 32 * j, _mm512_permutexvar_epi16(PAIRS, y));
+      _mm512_storeu_si512(dSb + (size_t)p * 2 * ld + 32 * j, _mm512_permutexvar_epi16(pairs_order(), y));
     }
   }
 }
@@ -774,7 +777,7 @@ void backward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, T
                     const __m512i x = (__m512i)_mm512_cvtne2ps_pbh(s1, s0);  // row i's 16, then row i + 1's
                     _mm256_storeu_si256((__m256i*)&dSr[(size_t)i * nk + c], _mm512_castsi512_si256(x));
                     _mm256_storeu_si256((__m256i*)&dSr[(size_t)(i + 1) * nk + c], _mm512_extracti64x4_epi64(x, 1));
-                    _mm512_storeu_si512(&dSb[(size_t)i * nk + 2 * c], _mm512_permutexvar_epi16(PAIRS, x));
+                    _mm512_storeu_si512(&dSb[(size_t)i * nk + 2 * c], _mm512_permutexvar_epi16(pairs_order(), x));
                   }
                 } else {
                   for (int c = 0; c < nk; c += 16) {
