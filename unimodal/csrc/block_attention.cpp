@@ -455,9 +455,12 @@ void forward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, fl
   };
   std::vector<int> order(B * H * G);
   for (int i = 0; i < (int)order.size(); i++) order[i] = i;
-  std::stable_sort(order.begin(), order.end(), [&](int a, int b) {  // largest groups first
+  // largest groups first; among equal ones, (batch, head)s in turn (neighbouring tasks do not wait for each
+  // other's packing)
+  std::sort(order.begin(), order.end(), [&](int a, int b) {
     const Group &ga = groups[a % G], &gb = groups[b % G];
-    return (int64_t)(ga.q1 - ga.q0) * ga.keys() > (int64_t)(gb.q1 - gb.q0) * gb.keys();
+    const int64_t wa = (int64_t)(ga.q1 - ga.q0) * ga.keys(), wb = (int64_t)(gb.q1 - gb.q0) * gb.keys();
+    return wa != wb ? wa > wb : std::make_pair(a % G, a / G) < std::make_pair(b % G, b / G);
   });
   parallel_for(order.size(), nthreads, [&](int task, int worker) {
     int t = order[task];
