@@ -763,18 +763,10 @@ void backward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, T
                 if constexpr (KStep<T>::v == 2) {
                   const __m512 l1 = _mm512_set1_ps(lse2[r0 + i + 1]), d1 = _mm512_set1_ps(delta[r0 + i + 1]);
                   const __m512 n1 = _mm512_set1_ps(norm[r0 + i + 1]);
-                  for (int c = 0; c < nk; c += 16) {
-                    __m512 p0, p1;
-                    if (gprobs) {  // the two rows' values are the low and high halves of each 32-bit word
-                      ahead.step();
-                      __m512i x = _mm512_loadu_si512(Pb + (size_t)i * nk + 2 * c);
-                      p0 = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
-                      p1 = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(int(0xffff0000u))));
-                    } else {
-                      p0 = exp2_16<EXP_DEG<T>>(_mm512_fmsub_ps(_mm512_loadu_ps(&Sb[(size_t)i * nk + c]), sl2, l0));
-                      p1 = exp2_16<EXP_DEG<T>>(_mm512_fmsub_ps(_mm512_loadu_ps(&Sb[(size_t)(i + 1) * nk + c]), sl2, l1));
-                      _mm512_storeu_si512(&Pw[(size_t)i * nk + 2 * c], interleave_bf16(p0, p1));
-                    }
+                  for (int c = 0; c < nk; c += 16) {  // recomputed P (kept bf16 tiles go through gemm_ds)
+                    const __m512 p0 = exp2_16<EXP_DEG<T>>(_mm512_fmsub_ps(_mm512_loadu_ps(&Sb[(size_t)i * nk + c]), sl2, l0));
+                    const __m512 p1 = exp2_16<EXP_DEG<T>>(_mm512_fmsub_ps(_mm512_loadu_ps(&Sb[(size_t)(i + 1) * nk + c]), sl2, l1));
+                    _mm512_storeu_si512(&Pw[(size_t)i * nk + 2 * c], interleave_bf16(p0, p1));
                     __m512 s0 = _mm512_mul_ps(p0, _mm512_fmsub_ps(_mm512_loadu_ps(&dPb[(size_t)i * nk + c]), n0, d0));
                     __m512 s1 = _mm512_mul_ps(p1, _mm512_fmsub_ps(_mm512_loadu_ps(&dPb[(size_t)(i + 1) * nk + c]), n1, d1));
                     const __m512i x = (__m512i)_mm512_cvtne2ps_pbh(s1, s0);  // row i's 16, then row i + 1's
