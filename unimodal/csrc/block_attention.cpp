@@ -678,6 +678,9 @@ void backward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, T
   parallel_for(B * H, nthreads, [&](int bh, int worker) {
     int b = bh / H, h = bh % H;
     const int64_t base = (int64_t)bh * L;
+    // this (batch, head)'s gradient rows, in locals (the stores below could alias the lambda's captures, which
+    // the compiler would then reload after every store)
+    G *dqb = dq + base * D, *dkb = dk + base * D, *dvb = dv + base * D;
     Workspace& ws = workspaces[worker];
     T *Vt = ws.get<T>(0, (size_t)D * Lt), *dOp = ws.get<T>(1, (size_t)Le * D), *Qp = ws.get<T>(2, (size_t)Le * D);
     T *Kp = ws.get<T>(3, (size_t)Le * D), *Kt = probs ? nullptr : ws.get<T>(4, (size_t)D * Lt);
@@ -706,7 +709,7 @@ void backward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, T
     std::memset(dVr, 0, sizeof(float) * L * D);
     for (int l = 0; l < L; l++)
       if (!is_query[l])
-        for (int d = 0; d < D; d += 16) store16(dq + (base + l) * D + d, zero);
+        for (int d = 0; d < D; d += 16) store16(dqb + (int64_t)l * D + d, zero);
     for (size_t gi = 0; gi < groups.size(); gi++) {
       const Group& g = groups[gi];
       const int nq = g.q1 - g.q0, m = g.keys();
@@ -804,13 +807,13 @@ void backward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, T
         }
         for (int i = 0; i < nr; i++)  // scale dQ -> dq rows (every query is in one group)
           for (int d = 0; d < D; d += 16)
-            store16(dq + (base + qa + i) * D + d, _mm512_mul_ps(_mm512_loadu_ps(&dQa[(size_t)i * D + d]), sc));
+            store16(dqb + (int64_t)(qa + i) * D + d, _mm512_mul_ps(_mm512_loadu_ps(&dQa[(size_t)i * D + d]), sc));
       }
     }
     // dK (times the scale), dV rows -> dk, dv
     for (size_t i = 0; i < (size_t)L * D; i += 16) {
-      store16(dk + base * D + i, _mm512_mul_ps(_mm512_loadu_ps(dKr + i), sc));
-      store16(dv + base * D + i, _mm512_loadu_ps(dVr + i));
+      store16(dkb + i, _mm512_mul_ps(_mm512_loadu_ps(dKr + i), sc));
+      store16(dvb + i, _mm512_loadu_ps(dVr + i));
     }
   });
 }
