@@ -455,19 +455,16 @@ void forward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, fl
     }
     while (packed[bh].load(std::memory_order_acquire) != 2) _mm_pause();
   };
-  std::vector<int> order(B * H * G);
-  for (int i = 0; i < (int)order.size(); i++) order[i] = i;
-  // largest groups first; among equal ones, (batch, head)s in turn (neighbouring tasks do not wait for each
-  // other's packing)
-  std::sort(order.begin(), order.end(), [&](int a, int b) {
-    const Group &ga = groups[a % G], &gb = groups[b % G];
-    const int64_t wa = (int64_t)(ga.q1 - ga.q0) * ga.keys(), wb = (int64_t)(gb.q1 - gb.q0) * gb.keys();
-    return wa != wb ? wa > wb : std::make_pair(a % G, a / G) < std::make_pair(b % G, b / G);
-  });
-  parallel_for(order.size(), nthreads, [&](int task, int worker) {
-    int t = order[task];
-    const Group& g = groups[t % G];
-    int bh = t / G, b = bh / H, h = bh % H;
+  // A worker claims a (batch, head), packs its keys and values and runs its groups, largest first, so that
+  // they stay in its own L2; once every (batch, head) is claimed, the workers share out the groups left (the
+  // smallest). Each group writes only its own rows: which worker runs it changes nothing in the results.
+  std::vector<int> order(G);
+  for (int i = 0; i < G; i++) order[i] = i;
+  auto size = [&](int i) { return (int64_t)(groups[i].q1 - groups[i].q0) * groups[i].keys(); };
+  std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return size(a) > size(b); });
+  auto run = [&](int bh, int gi, int worker) {
+    const Group& g = groups[gi];
+    const int b = bh / H, h = bh % H;
     int m = g.keys(), ms = padded(m);
     ensure_packed(bh);
     const T* kt = &Kt[(size_t)bh * D * Lt];
@@ -484,7 +481,7 @@ void forward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, fl
       }
       // E = exp(scale (S - row max)) into P (row-major: the A operand of E V) and, kept, into the group's block
       // of the probabilities (streamed: whole cache lines in order, not through the cache)
-      T* kept = probs ? probs + per_bh * bh + poff[t % G] : nullptr;  // the group's block
+      T* kept = probs ? probs + per_bh * bh + poff[gi] : nullptr;  // the group's block
       const float sl2 = scale * LOG2E;  // e^(scale (s - max)) = 2^(sl2 s - sl2 max)
       const __m512 sc = _mm512_set1_ps(sl2);
       float rowsum[QT_FWD], rowmax[QT_FWD];
@@ -562,7 +559,7 @@ void forward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, fl
       float* lse_row = &lse[((int64_t)b * H + h) * L + r0];
       log16_rows(nr, rowmax, rowsum, scale, lse_row);  // lse = scale max + log sum
       if (kept) {  // the normalisers, after the group's E
-        float* inv = reinterpret_cast<float*>(probs + per_bh * bh + poff[t % G] + (int64_t)(g.q1 - g.q0) * m) + (r0 - g.q0);
+        float* inv = reinterpret_cast<float*>(probs + per_bh * bh + poff[gi] + (int64_t)(g.q1 - g.q0) * m) + (r0 - g.q0);
         for (int i = 0; i < nr; i++) inv[i] = 1.f / rowsum[i];
       }
       col = 0;
@@ -577,7 +574,19 @@ void forward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, fl
         for (int d = 0; d < D; d += 16) store16(dst + d, _mm512_mul_ps(_mm512_loadu_ps(&O[(size_t)i * D + d]), inv));
       }
     }
-  });
+  };
+  const int BH = B * H;
+  std::unique_ptr<std::atomic<int>[]> next(new std::atomic<int>[BH]);  // per (batch, head): its next group
+  for (int i = 0; i < BH; i++) next[i].store(0, std::memory_order_relaxed);
+  std::atomic<int> claim{0};
+#pragma omp parallel num_threads(std::max(1, std::min(nthreads, BH * G)))
+  {
+    const int worker = omp_get_thread_num();
+    for (int bh; (bh = claim.fetch_add(1)) < BH;)  // claimed (batch, head)s, one after the other
+      for (int i; (i = next[bh].fetch_add(1)) < G;) run(bh, order[i], worker);
+    for (int bh = 0; bh < BH; bh++)  // then what is left of the others' (their smallest groups)
+      for (int i; (i = next[bh].fetch_add(1)) < G;) run(bh, order[i], worker);
+  }
 }
 
 // ---------------------------------------------------------------- backward
