@@ -273,13 +273,22 @@ def _batched(it, n: int):
 
 
 def digit_crops(frames_u8: np.ndarray, size: int = 28) -> np.ndarray:
-    """uint8 (N, H, W) canvases -> (N, 28, 28): the 28x28 window holding the most ink in each."""
+    """uint8 (N, H, W) canvases -> (N, 28, 28): the 28x28 window holding the most ink in each; of the
+    windows that hold it all, the one centred nearest the ink's centre of mass (as MNIST centres its
+    digits, so that a pasted digit is cropped where it was)."""
     x = torch.as_tensor(frames_u8).float()[:, None]  # (N, 1, H, W)
     N, _, H, W = x.shape
     if H < size or W < size:
         raise ValueError(f"frames of {H}x{W} are smaller than the {size}x{size} digit window")
     mass = F.avg_pool2d(x, size, stride=1)[:, 0]  # (N, H - 27, W - 27)
-    best = mass.flatten(1).argmax(1)  # (N,)
+    ink = x[:, 0].sum((1, 2)).clamp_min(1e-6)  # (N,)
+    cy = (x[:, 0].sum(2) * torch.arange(H)).sum(1) / ink  # (N,) centre of mass (0 for blank frames)
+    cx = (x[:, 0].sum(1) * torch.arange(W)).sum(1) / ink  # (N,)
+    wy = torch.arange(mass.shape[1]) + (size - 1) / 2  # window centres
+    wx = torch.arange(mass.shape[2]) + (size - 1) / 2
+    dist = (wy[None, :, None] - cy[:, None, None]) ** 2 + (wx[None, None, :] - cx[:, None, None]) ** 2  # (N, h, w)
+    most = mass >= mass.flatten(1).amax(1)[:, None, None] * (1 - 1e-6)  # (N, h, w)
+    best = torch.where(most, -dist, -torch.inf).flatten(1).argmax(1)  # (N,)
     y0, x0 = best // mass.shape[-1], best % mass.shape[-1]
     rows = (y0[:, None] + torch.arange(size))[:, :, None]  # (N, 28, 1)
     cols = (x0[:, None] + torch.arange(size))[:, None, :]  # (N, 1, 28)
