@@ -4,7 +4,7 @@ Backends (all derive their masks from `masks.allowed`):
   "sdpa"   scaled_dot_product_attention with the dense (B, 1, L, L) boolean mask
   "block"  block-structured CPU path: per query group, attention over exactly the keys it can see
            (SCAM's empty part is never computed): the own fused kernel (`block_kernel`, AVX-512 /
-           AVX512-BF16) for groups that see their keys fully, one ATen fused SDPA call per group otherwise
+           AVX512-BF16, or AVX2) for groups that see their keys fully, one ATen fused SDPA call per group otherwise
   "flex"   FlexAttention with a BlockMask (compiled on CUDA; eager elsewhere, forward only on CPU)
   "flash"  cached passes on CUDA (optional extra): flash_attn_with_kvcache over the committed cache,
            flash_attn_func over the pass's own tokens by query group, merged by log-sum-exp

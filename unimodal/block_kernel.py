@@ -1,9 +1,11 @@
-"""The fused CPU kernel of the block attention path (`csrc/block_attention.cpp`, AVX-512 / AVX512-BF16).
+"""The fused CPU kernel of the block attention path (`csrc/block_attention.cpp`: AVX-512 / AVX512-BF16,
+or AVX2 + FMA through `csrc/avx512_on_avx2.h`).
 
-Built on first use with the system C++ compiler (`-march=native`) into `<cache>/kernels/`, keyed by
-the source's hash and the compiler flags, and loaded with ctypes. Where it cannot be built (no
-compiler, a CPU without AVX512-BF16) or `UNIMODAL_BLOCK_KERNEL=0` is set, `available()` is False and
-the block path uses ATen's fused SDPA kernels instead.
+Built on first use with the system C++ compiler (`-march=native`, plus `-mno-avx512f` on CPUs without
+AVX512-BF16: the AVX2 build) into `<cache>/kernels/`, keyed by the sources' hash and the compiler flags,
+and loaded with ctypes. Where it cannot be built (no compiler, a CPU without AVX2 and FMA) or
+`UNIMODAL_BLOCK_KERNEL=0` is set, `available()` is False and the block path uses ATen's fused SDPA
+kernels instead.
 
 `forward(q, k, v, out, groups)` and `backward(...)` take (B, H, L, D) tensors (fp32 or bf16, last axis
 contiguous, D a multiple of 32) and the query groups `takes` accepts. The forward can keep the
@@ -30,6 +32,7 @@ from .assets import cache_dir
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "block_attention.cpp"
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp"]
+NATIVE = {"avx512f", "avx512bw", "avx512_bf16"}  # the CPU flags of the AVX-512 build; else AVX2 + FMA
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 FORWARD_EVENT, BACKWARD_EVENT = "unimodal::block_attention_forward", "unimodal::block_attention_backward"
 
@@ -50,15 +53,16 @@ def _cpu_flags() -> set[str]:
 
 def _build() -> ctypes.CDLL:
     cxx = os.environ.get("CXX", "g++")
-    src = SOURCE.read_bytes()
-    tag = hashlib.sha256(src + " ".join([cxx] + FLAGS).encode()).hexdigest()[:16]
+    flags = FLAGS + ([] if NATIVE <= _cpu_flags() else ["-mno-avx512f"])
+    src = b"".join(p.read_bytes() for p in sorted(SOURCE.parent.glob("*.[ch]*")))  # the source and its headers
+    tag = hashlib.sha256(src + " ".join([cxx] + flags).encode()).hexdigest()[:16]
     out = cache_dir() / "kernels" / f"block_attention-{tag}.so"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
         os.close(fd)
         try:
-            res = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+            res = subprocess.run([cxx, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True)
             if res.returncode != 0:
                 raise RuntimeError(f"{cxx} failed on {SOURCE.name}:\n{res.stderr[-2000:]}")
             os.replace(tmp, out)  # atomic: concurrent builders (DDP ranks) never load a partial file
@@ -81,8 +85,8 @@ def library() -> ctypes.CDLL | None:
         _state["tried"] = True
         if os.environ.get("UNIMODAL_BLOCK_KERNEL", "1") == "0":
             _state["error"] = "disabled by UNIMODAL_BLOCK_KERNEL=0"
-        elif not {"avx512f", "avx512bw", "avx512_bf16"} <= _cpu_flags():
-            _state["error"] = "the CPU lacks AVX-512 with BF16 (avx512f, avx512bw, avx512_bf16)"
+        elif not (NATIVE <= _cpu_flags() or {"avx2", "fma"} <= _cpu_flags()):
+            _state["error"] = "the CPU lacks AVX2 and FMA (and AVX-512 with BF16)"
         else:
             try:
                 _lib = _build()

@@ -31,6 +31,11 @@
 #include <utility>
 #include <vector>
 
+#if !(defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__))
+#include "avx512_on_avx2.h"  // the same source on AVX2 + FMA: 512-bit vectors as pairs of 256-bit halves
+#define UNIMODAL_AVX2 1
+#endif
+
 namespace {
 
 typedef uint16_t bf16;
@@ -141,21 +146,33 @@ constexpr auto micro_row(std::integer_sequence<int, MRs...>) {
 }
 
 constexpr int MAX_MR = 8;
-inline int mr_for(int nv) { return nv == 4 ? 6 : 8; }  // accumulators + B vectors within 32 registers
+#ifndef UNIMODAL_AVX2
+constexpr int MAX_NV = 4;
+template <typename T>
+int mr_for(int nv) { return nv == 4 ? 6 : 8; }  // accumulators + B vectors within 32 registers
+#else
+constexpr int MAX_NV = 1;  // a vector of 16 is two registers of 16: accumulators + operands within them
+template <typename T>
+int mr_for(int) { return KStep<T>::v == 1 ? 6 : 4; }  // bf16 products need the pairs split: 4 more
+#endif
+
+// table[accumulate][nv - 1][mr - 1]: the micro-kernel of mr rows and nv vectors of 16 columns
+template <typename T, int... NVs>
+auto micro_table(std::integer_sequence<int, NVs...>) {
+  using Seq = std::make_integer_sequence<int, MAX_MR>;
+  using Row = std::array<MicroFn<T>, MAX_MR>;
+  return std::array<std::array<Row, sizeof...(NVs)>, 2>{
+      {{micro_row<T, NVs + 1, false>(Seq{})...}, {micro_row<T, NVs + 1, true>(Seq{})...}}};
+}
 
 // Column panels of 4 vectors (6 rows per micro-kernel call), then 3, 2 or 1 (8 rows).
 template <typename T>
 void gemm(int M, int N, int K, const T* A, int lda, const T* Bp, int ldb, float* C, int ldc, bool accumulate,
           int ldk = KStep<T>::v) {
-  using Seq = std::make_integer_sequence<int, MAX_MR>;
-  static const std::array<MicroFn<T>, MAX_MR> table[2][4] = {
-      {micro_row<T, 1, false>(Seq{}), micro_row<T, 2, false>(Seq{}), micro_row<T, 3, false>(Seq{}),
-       micro_row<T, 4, false>(Seq{})},
-      {micro_row<T, 1, true>(Seq{}), micro_row<T, 2, true>(Seq{}), micro_row<T, 3, true>(Seq{}),
-       micro_row<T, 4, true>(Seq{})}};
+  static const auto table = micro_table<T>(std::make_integer_sequence<int, MAX_NV>{});
   for (int n0 = 0, nv; n0 < N; n0 += 16 * nv) {
-    nv = std::min(4, (N - n0) / 16);
-    int MR = mr_for(nv);
+    nv = std::min(MAX_NV, (N - n0) / 16);
+    int MR = mr_for<T>(nv);
     const T* B = Bp + (size_t)n0 * KStep<T>::v;
     const int calls = (M + MR - 1) / MR, big = M - (M / calls) * calls;  // rows split evenly: no thin last call
     for (int c = 0, m0 = 0; c < calls; c++) {
@@ -165,6 +182,27 @@ void gemm(int M, int N, int K, const T* A, int lda, const T* Bp, int ldb, float*
     }
   }
 }
+
+// ---------------------------------------------------------------- 16-bit word shuffles
+#ifndef UNIMODAL_AVX2
+// 32 bf16 (row i's 16 values, then row i+1's) -> interleaved (i's value, i+1's value, ...). The index is a
+// constant the compiler sees (loop-invariant, kept in a register), not a global it would reload after every
+// store.
+inline __m512i interleave_halves(__m512i x) {
+  const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                                         21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  return _mm512_permutexvar_epi16(order, x);
+}
+// Words [16 h, 16 h + 16) of a and of b (32 bf16 each) -> interleaved (a's, b's, a's, ...).
+inline __m512i interleave_rows(__m512i a, __m512i b, int h) {
+  const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                      39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  return _mm512_permutex2var_epi16(a, h ? _mm512_add_epi16(lo, _mm512_set1_epi16(16)) : lo, b);
+}
+#else
+using avx2::interleave_halves;
+using avx2::interleave_rows;
+#endif
 
 // ---------------------------------------------------------------- packing
 // "B operand" layouts: element (k, n) of a K x N matrix at fp32 [k][ldb + n], bf16 [(k/2)][n][k&1].
@@ -244,9 +282,6 @@ void pack_rows(const T* x, int64_t sl, int L, int D, T* out, const float* rs = n
       __m512 hi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(y, 1)), 16));
       return (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, f), _mm512_mul_ps(lo, f));
     };
-    const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
-                                        39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
-    const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
     for (int r = 0; r < L; r += 2) {
       T* o = out + (size_t)r * D;
       for (int d = 0; d < D; d += 32) {
@@ -256,8 +291,8 @@ void pack_rows(const T* x, int64_t sl, int L, int D, T* out, const float* rs = n
           a = scaled(a, _mm512_set1_ps(rs[r]));
           if (r + 1 < L) b = scaled(b, _mm512_set1_ps(rs[r + 1]));
         }
-        _mm512_storeu_si512(o + 2 * d, _mm512_permutex2var_epi16(a, lo, b));
-        _mm512_storeu_si512(o + 2 * d + 32, _mm512_permutex2var_epi16(a, hi, b));
+        _mm512_storeu_si512(o + 2 * d, interleave_rows(a, b, 0));
+        _mm512_storeu_si512(o + 2 * d + 32, interleave_rows(a, b, 1));
       }
     }
   }
@@ -297,16 +332,8 @@ std::vector<int64_t> probs_offsets(const std::vector<Group>& gs, int KS, int64_t
   return off;
 }
 
-// 32 bf16 (row i's 16 values, then row i+1's) -> interleaved (i's value, i+1's value, ...). A constant the
-// compiler sees (loop-invariant, kept in a register), not a global it would reload after every store.
-inline __m512i pairs_order() {
-  return _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4,
-                          19, 3, 18, 2, 17, 1, 16, 0);
-}
 // Rows i, i+1 of fp32 (16 values each) -> 32 bf16 interleaved.
-inline __m512i interleave_bf16(__m512 a, __m512 b) {
-  return _mm512_permutexvar_epi16(pairs_order(), (__m512i)_mm512_cvtne2ps_pbh(b, a));
-}
+inline __m512i interleave_bf16(__m512 a, __m512 b) { return interleave_halves((__m512i)_mm512_cvtne2ps_pbh(b, a)); }
 
 bool aligned(const Group& g) {  // what the packed layouts need: 16-multiples, even starts
   if ((g.q1 - g.q0) % 16 || g.q0 % 2) return false;
@@ -509,7 +536,7 @@ void forward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, fl
               __m512i x = (__m512i)_mm512_cvtne2ps_pbh(e1, e0);  // row i's 16 values, then row i + 1's
               _mm256_storeu_si256((__m256i*)(p0 + c), _mm512_castsi512_si256(x));
               _mm256_storeu_si256((__m256i*)(p0 + ms + c), _mm512_extracti64x4_epi64(x, 1));
-              _mm512_stream_si512((__m512i*)(out + 2 * (c - kc)), _mm512_permutexvar_epi16(pairs_order(), x));
+              _mm512_stream_si512((__m512i*)(out + 2 * (c - kc)), interleave_halves(x));
             }
           });
           rowsum[i] = _mm512_reduce_add_ps(sum0), rowsum[i + 1] = _mm512_reduce_add_ps(sum1);
@@ -637,7 +664,7 @@ void micro_ds(int K, const bf16* A, int lda, const bf16* Bp, int ldb, const bf16
       const __m512i y = (__m512i)_mm512_cvtne2ps_pbh(s1, s0);  // row 2p's 16, then row 2p + 1's
       _mm256_storeu_si256((__m256i*)(dSr + (size_t)2 * p * ld + 16 * j), _mm512_castsi512_si256(y));
       _mm256_storeu_si256((__m256i*)(dSr + (size_t)(2 * p + 1) * ld + 16 * j), _mm512_extracti64x4_epi64(y, 1));
-      _mm512_storeu_si512(dSb + (size_t)p * 2 * ld + 32 * j, _mm512_permutexvar_epi16(pairs_order(), y));
+      _mm512_storeu_si512(dSb + (size_t)p * 2 * ld + 32 * j, interleave_halves(y));
     }
   }
 }
@@ -645,17 +672,27 @@ void micro_ds(int K, const bf16* A, int lda, const bf16* Bp, int ldb, const bf16
 using DsFn = void (*)(int, const bf16*, int, const bf16*, int, const bf16*, const float*, const float*, bf16*, bf16*,
                       int, Ahead*);
 
-// dS of an M x N tile (M even, N a multiple of 16) through micro_ds: panels of up to 4 vectors, calls of up
-// to 3 pairs of rows (split evenly).
+#ifndef UNIMODAL_AVX2
+constexpr int MAX_PAIRS = 3;
+#else
+constexpr int MAX_PAIRS = 2;
+#endif
+
+template <int NV, int... Ps>
+constexpr std::array<DsFn, sizeof...(Ps)> ds_row(std::integer_sequence<int, Ps...>) { return {&micro_ds<Ps + 1, NV>...}; }
+template <int... NVs>
+constexpr auto ds_table(std::integer_sequence<int, NVs...>) {  // [nv - 1][pairs - 1]
+  return std::array<std::array<DsFn, MAX_PAIRS>, sizeof...(NVs)>{ds_row<NVs + 1>(std::make_integer_sequence<int, MAX_PAIRS>{})...};
+}
+
+// dS of an M x N tile (M even, N a multiple of 16) through micro_ds: panels of up to MAX_NV vectors, calls of
+// up to MAX_PAIRS pairs of rows (split evenly).
 void gemm_ds(int M, int N, int K, const bf16* A, int lda, const bf16* Bp, int ldb, const bf16* E, const float* nrm,
              const float* dlt, bf16* dSr, bf16* dSb, Ahead* ahead) {
-  static const DsFn table[4][3] = {{&micro_ds<1, 1>, &micro_ds<2, 1>, &micro_ds<3, 1>},
-                                   {&micro_ds<1, 2>, &micro_ds<2, 2>, &micro_ds<3, 2>},
-                                   {&micro_ds<1, 3>, &micro_ds<2, 3>, &micro_ds<3, 3>},
-                                   {&micro_ds<1, 4>, &micro_ds<2, 4>, &micro_ds<3, 4>}};
-  const int pairs = M / 2, calls = (pairs + 2) / 3, base = pairs / calls, big = pairs - base * calls;
+  static const auto table = ds_table(std::make_integer_sequence<int, MAX_NV>{});
+  const int pairs = M / 2, calls = (pairs + MAX_PAIRS - 1) / MAX_PAIRS, base = pairs / calls, big = pairs - base * calls;
   for (int n0 = 0, nv; n0 < N; n0 += 16 * nv) {
-    nv = std::min(4, (N - n0) / 16);
+    nv = std::min(MAX_NV, (N - n0) / 16);
     for (int c = 0, m0 = 0; c < calls; c++) {
       const int np = base + (c < big);
       table[nv - 1][np - 1](K, A + (size_t)m0 * lda, lda, Bp + (size_t)n0 * 2, ldb, E + (size_t)m0 * N + 2 * n0,
@@ -786,7 +823,7 @@ void backward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, T
                     const __m512i x = (__m512i)_mm512_cvtne2ps_pbh(s1, s0);  // row i's 16, then row i + 1's
                     _mm256_storeu_si256((__m256i*)&dSr[(size_t)i * nk + c], _mm512_castsi512_si256(x));
                     _mm256_storeu_si256((__m256i*)&dSr[(size_t)(i + 1) * nk + c], _mm512_extracti64x4_epi64(x, 1));
-                    _mm512_storeu_si512(&dSb[(size_t)i * nk + 2 * c], _mm512_permutexvar_epi16(pairs_order(), x));
+                    _mm512_storeu_si512(&dSb[(size_t)i * nk + 2 * c], interleave_halves(x));
                   }
                 } else {
                   for (int c = 0; c < nk; c += 16) {
