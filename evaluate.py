@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from unimodal import checkpoint as ckpt
-from unimodal.config import apply_overrides
+from unimodal.config import apply_overrides, replace_strict, resolve_precision
 
 
 def evaluate_run(path: str | Path, out: str | Path | None = None, ema: bool = True, quick: bool = False,
@@ -33,6 +33,7 @@ def evaluate_run(path: str | Path, out: str | Path | None = None, ema: bool = Tr
     from train import config_from_dict
     c = ckpt.resolve(path)
     cfg = apply_overrides(config_from_dict(ckpt.load_config(c)), overrides or [])
+    cfg = replace_strict(cfg, precision=resolve_precision(cfg.precision, device))
     task = build_task(cfg, 0, 1, device)
     model = task.build_model()
     use_ema = ema and (c / "ema.safetensors").is_file()

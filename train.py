@@ -22,6 +22,7 @@ import math
 import re
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -33,7 +34,7 @@ from transformers.optimization import get_wsd_schedule
 
 from tasks import build_task
 from unimodal import checkpoint as ckpt
-from unimodal.config import TrainConfig, load_config
+from unimodal.config import TrainConfig, load_config, native_bf16, replace_strict, resolve_precision
 
 
 class NonFiniteLoss(RuntimeError):
@@ -88,6 +89,10 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
     accelerator = Accelerator(mixed_precision="no", cpu=not torch.cuda.is_available())
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     main = accelerator.is_main_process
+    if cfg.precision == "bf16" and not native_bf16(device) and main:
+        warnings.warn(f"precision=bf16 on {device}, whose matmuls have no native bf16 (PyTorch runs them in a "
+                      f"reference loop, ~100x slower than fp32): precision=auto picks fp32 here")
+    cfg = replace_strict(cfg, precision=resolve_precision(cfg.precision, device))  # what runs, as recorded
     set_seed(cfg.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
     out = Path(cfg.out_dir)

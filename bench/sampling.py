@@ -12,9 +12,10 @@ Part 1 prints measured wall-time ratios beside that prediction for a tiny config
 64 blocks and an ACDiT-B-shaped config at 4 blocks (batch 16 with guidance, fp32). Part 2
 prints cached sampling time against the number of blocks at total lengths 1k, 4k and 16k
 tokens (the shape of the paper's Fig. 6). Part 3 prints images/s and sampling MFU (counted
-FLOPs / time / the mean throughput of bf16 2048^3 matmul windows interleaved with the blocks, as
-this machine's matmul throughput drifts) for both configs with guidance in bf16 and
-model.compile=True, batch 8, 4 blocks of 256 tokens.
+FLOPs / time / the mean throughput of 2048^3 matmul windows in the same dtype interleaved with the
+blocks, as this machine's matmul throughput drifts) for both configs with guidance in bf16 (fp32
+on CPUs without native bf16 matmuls, `--precision auto`) and model.compile=True, batch 8, 4 blocks
+of 256 tokens.
 
     python bench/sampling.py            # a few minutes
     python bench/sampling.py --quick    # smaller part 2
@@ -33,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import Peak, out, time_split, write_readme  # noqa: E402
-from unimodal.config import ModelConfig, load_config  # noqa: E402
+from unimodal.config import PRECISIONS, ModelConfig, load_config, resolve_precision  # noqa: E402
 from unimodal.model import ACDiT  # noqa: E402
 from unimodal.sampling import SequenceSampler  # noqa: E402
 from unimodal.sequence import PackSpec  # noqa: E402
@@ -77,11 +78,11 @@ def tiny_model() -> ACDiT:
     return ACDiT(cfg).eval()
 
 
-def timed_blocks(model, spec, labels, steps: int, peak: Peak) -> float:
-    """Cached bf16 sampling with guidance of 32x32x4 latents in 4 blocks of 256; every block is
+def timed_blocks(model, spec, labels, steps: int, peak: Peak, precision: str) -> float:
+    """Cached sampling (bf16 or fp32) with guidance of 32x32x4 latents in 4 blocks of 256; every block is
     preceded by a matmul window as long as the previous block. Returns the sampling time."""
     s = SequenceSampler(model, spec, labels.shape[0], labels, cfg_scale=1.5, steps=steps, max_len=32 * 32 + 64,
-                        generator=torch.Generator().manual_seed(0), precision="bf16")
+                        generator=torch.Generator().manual_seed(0), precision=precision)
     total, last = 0.0, 0.3
     blocks = s.stream_image(4, 32, 32, block=256)
     while True:
@@ -95,10 +96,14 @@ def timed_blocks(model, spec, labels, steps: int, peak: Peak) -> float:
 
 
 def part3(args, spec: PackSpec) -> tuple[str, float]:
-    """Images/s and sampling MFU in bf16 with guidance; returns the last row's (name, MFU)."""
-    out(f"\nPart 3: cached sampling throughput, bf16 (weights cast once), model.compile=True, batch {args.mfu_batch}, "
+    """Images/s and sampling MFU with guidance, in bf16 (or fp32 where `--precision auto` finds no native
+    bf16); returns the last row's (name, MFU)."""
+    prec = resolve_precision(args.precision, "cpu")
+    dtype = torch.bfloat16 if prec == "bf16" else torch.float32
+    wcast = " (weights cast once)" if prec == "bf16" else ""
+    out(f"\nPart 3: cached sampling throughput, {prec}{wcast}, model.compile=True, batch {args.mfu_batch}, "
         f"guidance 1.5 (2 streams), 4 blocks of 256 tokens (32x32x4 latents, patch 1), {args.mfu_steps} steps per "
-        f"block; every block follows a 2048^3 bf16 matmul window as long as the block")
+        f"block; every block follows a 2048^3 {prec} matmul window as long as the block")
     tiny = tiny_model()
     tiny.cfg = dataclasses.replace(tiny.cfg, compile=True)
     mfu_cfgs = [("tiny", tiny)]
@@ -108,12 +113,12 @@ def part3(args, spec: PackSpec) -> tuple[str, float]:
     rows = []
     for name, model in mfu_cfgs:
         labels = torch.arange(args.mfu_batch) % model.cfg.num_classes
-        time_sampling(model, spec, labels, 4, 32, 32, 256, 2, "cache", 1.5, "bf16")  # compiles every pass shape
-        peak = Peak(torch.bfloat16)
-        t = timed_blocks(model, spec, labels, args.mfu_steps, peak)
+        time_sampling(model, spec, labels, 4, 32, 32, 256, 2, "cache", 1.5, prec)  # compiles every pass shape
+        peak = Peak(dtype)
+        t = timed_blocks(model, spec, labels, args.mfu_steps, peak, prec)
         cfg = model.cfg
         flops = args.mfu_batch * predicted_flops(4, 256, args.mfu_steps, cfg.depth, cfg.hidden_size, True, streams=2)
-        split = time_split(lambda: time_sampling(model, spec, labels, 4, 32, 32, 256, 2, "cache", 1.5, "bf16"))
+        split = time_split(lambda: time_sampling(model, spec, labels, 4, 32, 32, 256, 2, "cache", 1.5, prec))
         rows.append((name, t, flops / t, peak, split))
         print(f"  {name}: {t:.1f} s", file=sys.stderr, flush=True)
     best = max(r[3].best for r in rows)
@@ -144,6 +149,8 @@ def main() -> None:
     ap.add_argument("--skip-mfu", action="store_true", help="skip part 3 (images/s and sampling MFU)")
     ap.add_argument("--mfu-steps", type=int, default=25, help="solver steps per block in part 3")
     ap.add_argument("--mfu-batch", type=int, default=8, help="images per batch in part 3")
+    ap.add_argument("--precision", default="auto", choices=PRECISIONS,
+                    help="part 3's: bf16, fp32, or auto (bf16 where this CPU computes it natively, else fp32)")
     ap.add_argument("--only-mfu", action="store_true", help="run part 3 only (its RESULT line is the sampling MFU)")
     ap.add_argument("--readme", action="store_true", help="write this run's output into README.md's results")
     args = ap.parse_args()
@@ -156,7 +163,7 @@ def main() -> None:
         f"{args.cfg:g} ({streams} stream{'s' if streams > 1 else ''}), {args.steps} solver steps")
     if args.only_mfu:
         mfu = part3(args, spec)
-        out(f"RESULT sampling MFU, {mfu[0]} (bf16, guidance, batch {args.mfu_batch}, against the interleaved matmul "
+        out(f"RESULT sampling MFU, {mfu[0]} ({resolve_precision(args.precision, 'cpu')}, guidance, batch {args.mfu_batch}, against the interleaved matmul "
             f"peak): {mfu[1] * 100:.1f}% (target 25%)")
         return
     out("\nPart 1: full recomputation / cached sampling")

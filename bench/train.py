@@ -15,7 +15,7 @@ Each config runs eager and with `model.compile=True` (the attention-free parts o
 under torch.compile; the compilation is left out of the step times and printed apart); the
 optimizer is train.py's (fused AdamW).
 
-    python bench/train.py                 # tiny config and the ACDiT-B-shaped config, bf16
+    python bench/train.py                 # tiny config and the ACDiT-B-shaped config, bf16 (where native)
     python bench/train.py --precision fp32
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import Peak, interleaved, out, time_split, write_readme  # noqa: E402
 from unimodal import masks  # noqa: E402
-from unimodal.config import ModelConfig  # noqa: E402
+from unimodal.config import PRECISIONS, ModelConfig, resolve_precision  # noqa: E402
 from unimodal.diffusion import LossConfig, train_scheduler, training_loss  # noqa: E402
 from unimodal.model import ACDiT  # noqa: E402
 from unimodal.sequence import Image, PackSpec, Sample, pack  # noqa: E402
@@ -90,11 +90,13 @@ def run(name: str, cfg: ModelConfig, samples, steps: int, precision: str) -> dic
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    ap.add_argument("--precision", default="auto", choices=PRECISIONS,
+                    help="bf16 autocast, fp32, or auto: bf16 where this CPU computes it natively, else fp32")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--skip-b", action="store_true")
     ap.add_argument("--readme", action="store_true", help="write this run's output into README.md's results")
     args = ap.parse_args()
+    args.precision = resolve_precision(args.precision, "cpu")
     out(f"torch {torch.__version__}, {torch.get_num_threads()} threads; training in {args.precision}; each timed "
         f"step is preceded by a 2048^3 {args.precision} matmul window as long as the step (the matmul throughput of "
         f"this machine drifts 0.6-2.5 TFLOP/s bf16), so each row's achieved FLOP/s and matmul peak come from the same "

@@ -24,7 +24,7 @@ config = TrainConfig(
                       decay_frac=1 - warmup / steps, decay_type="cosine", grad_clip=0.0, layer_decay=0.75),
     steps=steps,
     global_batch=64,
-    precision="bf16",
+    precision="auto",  # bf16 autocast where the CPU computes bf16 natively, else fp32
     ema_decay=0.0,
     log_every=20,
     ckpt_every=1000,

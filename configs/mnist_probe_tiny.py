@@ -22,7 +22,7 @@ config = TrainConfig(
                       decay_frac=1 - warmup / steps, decay_type="cosine", grad_clip=0.0),
     steps=steps,
     global_batch=256,
-    precision="bf16",
+    precision="auto",  # bf16 autocast where the CPU computes bf16 natively, else fp32
     ema_decay=0.0,
     log_every=100,
     ckpt_every=2000,

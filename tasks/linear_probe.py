@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from unimodal.config import resolve_precision
+
 from .classify import Classifier, ClassifyTask, top_k
 
 
@@ -59,7 +61,8 @@ class LinearProbeTask(ClassifyTask):
         base = getattr(model, "module", model)
         was = base.training
         base.eval()
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
+        bf16 = resolve_precision(self.cfg.precision, self.device) == "bf16"
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
         n, bs = self.split_size(split), self.tc.eval_batch
         feats, labels = [], []
         for s in tqdm(range(0, n, bs), desc=f"{split} features", leave=False, disable=n <= bs):

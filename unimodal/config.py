@@ -137,7 +137,7 @@ class TrainConfig:
     steps: int = 1000
     global_batch: int = 64
     seed: int = 0
-    precision: str = "bf16"  # bf16 autocast with fp32 master weights, or fp32
+    precision: str = "auto"  # bf16 autocast with fp32 master weights, fp32, or auto (`resolve_precision`)
     ema_decay: float = 0.9999
     log_every: int = 10
     ckpt_every: int = 500
@@ -147,6 +147,34 @@ class TrainConfig:
     init_from: str = ""  # checkpoint directory whose weights initialise the model (fine-tuning, probes)
     eval_at_end: bool = True
     time_limit_min: float = 0.0  # > 0: fit `steps` to this wall-time budget, measured after the first steps
+
+
+# ----------------------------------------------------------------------------- precision
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def native_bf16(device: "torch.device | str") -> bool:
+    """Whether the device's matmuls run in bf16 natively: CUDA with bf16 support; a CPU where oneDNN
+    has bf16 kernels (AVX512-BF16, AMX or AVX512 cores). Elsewhere PyTorch's CPU bf16 matmul is a
+    reference loop about 100x slower than fp32."""
+    import torch
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return True
+
+
+def resolve_precision(precision: str, device: "torch.device | str") -> str:
+    """"bf16" or "fp32" as asked; "auto": bf16 autocast where the device computes bf16 natively
+    (`native_bf16`), fp32 elsewhere."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return precision
 
 
 # ----------------------------------------------------------------------------- strict replace / overrides

@@ -24,6 +24,7 @@ from torch.func import functional_call
 from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
+from .config import resolve_precision
 from .diffusion import sampling_scheduler
 from .kv_cache import KVCache
 from .masks import Layout
@@ -65,8 +66,7 @@ class SequenceSampler:
         self.scheduler_kind, self.steps = scheduler, steps
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self.mode = mode
-        if precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+        precision = resolve_precision(precision, self.device)  # "auto": bf16 where the device computes it natively
         rows = batch if shared_cache else self.S * batch
         # under bf16 autocast the projections, hence the cached post-RoPE K/V, are bf16
         kv_dtype = torch.bfloat16 if precision == "bf16" else None
