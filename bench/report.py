@@ -124,8 +124,10 @@ def machine() -> str:
         mem = f", {kb / 2**20:.0f} GiB"
     except (OSError, AttributeError):
         pass
-    return (f"{cpu}, {os.cpu_count()} cores{mem}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
-            f"Python {platform.python_version()}")
+    isa = torch.backends.cpu.get_cpu_capability()  # what ATen's kernels use: AVX2, AVX512, ...
+    bf16 = "native bf16 matmul" if native_bf16("cpu") else "no native bf16 matmul"
+    return (f"{cpu} ({isa}, {bf16}), {os.cpu_count()} cores{mem}; torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads; Python {platform.python_version()}")
 
 
 def write_readme(name: str) -> None:

@@ -54,7 +54,7 @@ def _cpu_flags() -> set[str]:
 def _build() -> ctypes.CDLL:
     cxx = os.environ.get("CXX", "g++")
     flags = FLAGS + ([] if NATIVE <= _cpu_flags() else ["-mno-avx512f"])
-    src = b"".join(p.read_bytes() for p in sorted(SOURCE.parent.glob("*.[ch]*")))  # the source and its headers
+    src = SOURCE.read_bytes() + b"".join(p.read_bytes() for p in sorted(SOURCE.parent.glob("*.h")))  # and its headers
     tag = hashlib.sha256(src + " ".join([cxx] + flags).encode()).hexdigest()[:16]
     out = cache_dir() / "kernels" / f"block_attention-{tag}.so"
     if not out.exists():
