@@ -119,6 +119,26 @@ def test_unknown_override_fails_with_the_valid_keys():
         load_config(ROOT / "configs/mnist_class_tiny.py", ["model.detph=3"])
 
 
+def test_auto_precision_is_bf16_only_where_bf16_matmuls_are_fast(tmp_path):
+    """"auto" against a measurement: bf16 where a bf16 product is not several times slower than the
+    fp32 one (native bf16), fp32 where it is (PyTorch's reference loop); the run records what ran."""
+    import time
+    a = torch.randn(384, 384)
+    rates = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        x = a.to(dtype)
+        x @ x
+        t0 = time.perf_counter()
+        for _ in range(3):
+            x @ x
+        rates[dtype] = time.perf_counter() - t0
+    want = "bf16" if rates[torch.bfloat16] < 3 * rates[torch.float32] else "fp32"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        train.train(tiny_cfg(tmp_path / "bad", "steps=1", "precision=fp16"), quiet=True)
+    train.train(tiny_cfg(tmp_path / "run", "steps=1", "precision=auto"), quiet=True)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["precision"] == want
+
+
 def test_two_processes_give_the_weights_of_one(tmp_path):
     """torchrun with 2 CPU processes (gloo) and the same global batch ends with the same weights."""
     args = TINY + ["steps=3", "ckpt_every=3", "global_batch=4"]
