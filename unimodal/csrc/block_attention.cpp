@@ -1,4 +1,5 @@
-// Fused block-structured attention for x86-64 CPUs with AVX-512 (fp32) and AVX512-BF16 (bf16).
+// Fused block-structured attention for x86-64 CPUs with AVX-512 (fp32) and AVX512-BF16 (bf16), or with AVX2
+// and FMA (both dtypes, through avx512_on_avx2.h).
 //
 // A row of queries is cut into query groups; group g has the queries [q0, q1) and sees exactly the keys
 // of its ranges (the union of the ranges, every pair allowed). The operands are packed once per (batch,
@@ -165,7 +166,8 @@ auto micro_table(std::integer_sequence<int, NVs...>) {
       {{micro_row<T, NVs + 1, false>(Seq{})...}, {micro_row<T, NVs + 1, true>(Seq{})...}}};
 }
 
-// Column panels of 4 vectors (6 rows per micro-kernel call), then 3, 2 or 1 (8 rows).
+// Column panels of 4 vectors (6 rows per micro-kernel call), then 3, 2 or 1 (8 rows); on AVX2, of 1 vector
+// (6 rows in fp32, 4 in bf16).
 template <typename T>
 void gemm(int M, int N, int K, const T* A, int lda, const T* Bp, int ldb, float* C, int ldc, bool accumulate,
           int ldk = KStep<T>::v) {
