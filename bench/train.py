@@ -99,7 +99,7 @@ def main() -> None:
     args.precision = resolve_precision(args.precision, "cpu")
     out(f"torch {torch.__version__}, {torch.get_num_threads()} threads; training in {args.precision}; each timed "
         f"step is preceded by a 2048^3 {args.precision} matmul window as long as the step (the matmul throughput of "
-        f"this machine drifts 0.6-2.5 TFLOP/s bf16), so each row's achieved FLOP/s and matmul peak come from the same "
+        f"this machine drifts from second to second), so each row's achieved FLOP/s and matmul peak come from the same "
         f"stretch of time")
     rows = []
     tiny = ModelConfig(depth=6, hidden_size=256, num_heads=4, mlp_act="gelu", latent_channels=1, patch_size=4,
