@@ -19,16 +19,19 @@
 // whole (zero where no group reaches), contiguous, in fp32 or in the inputs' dtype.
 #include <immintrin.h>
 #include <omp.h>
+#include <sys/mman.h>
 
 #include <algorithm>
 #include <array>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <initializer_list>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <utility>
 #include <vector>
 
@@ -403,13 +406,26 @@ inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
 inline int padded(int n) { return round_up(n, 16) + 16; }
 
 // Scratch memory without value-initialisation (every element is written before it is read), kept
-// from call to call so that its pages are not faulted in again.
+// from call to call so that its pages are not faulted in again; in 2 MiB-aligned blocks offered to the
+// kernel as huge pages (the packed key-side operands are read a row per page otherwise: 3-6% on AVX2).
 template <typename T>
 struct Scratch {
-  std::unique_ptr<T[]> p;
+  struct Free {
+    void operator()(T* q) const { std::free(q); }
+  };
+  std::unique_ptr<T[], Free> p;
   size_t n = 0;
   T* get(size_t want) {
-    if (want > n) p.reset(new T[want]), n = want;
+    if (want > n) {
+      constexpr size_t huge = size_t(2) << 20;
+      const size_t bytes = (want * sizeof(T) + huge - 1) / huge * huge;
+      p.reset(static_cast<T*>(std::aligned_alloc(huge, bytes)));
+      if (!p) throw std::bad_alloc();
+#ifdef MADV_HUGEPAGE
+      madvise(p.get(), bytes, MADV_HUGEPAGE);
+#endif
+      n = want;
+    }
     return p.get();
   }
 };
