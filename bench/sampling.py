@@ -98,7 +98,7 @@ def timed_blocks(model, spec, labels, steps: int, peak: Peak, precision: str) ->
 def part3(args, spec: PackSpec) -> tuple[str, float]:
     """Images/s and sampling MFU with guidance, in bf16 (or fp32 where `--precision auto` finds no native
     bf16); returns the last row's (name, MFU)."""
-    prec = resolve_precision(args.precision, "cpu")
+    prec = args.precision  # resolved in main
     dtype = torch.bfloat16 if prec == "bf16" else torch.float32
     wcast = " (weights cast once)" if prec == "bf16" else ""
     out(f"\nPart 3: cached sampling throughput, {prec}{wcast}, model.compile=True, batch {args.mfu_batch}, "
@@ -154,6 +154,7 @@ def main() -> None:
     ap.add_argument("--only-mfu", action="store_true", help="run part 3 only (its RESULT line is the sampling MFU)")
     ap.add_argument("--readme", action="store_true", help="write this run's output into README.md's results")
     args = ap.parse_args()
+    args.precision = resolve_precision(args.precision, "cpu")
     if args.only_mfu and (args.skip_mfu or args.readme):
         ap.error("--only-mfu runs part 3 alone: it cannot be combined with --skip-mfu or --readme")
     torch.manual_seed(0)
@@ -163,7 +164,7 @@ def main() -> None:
         f"{args.cfg:g} ({streams} stream{'s' if streams > 1 else ''}), {args.steps} solver steps")
     if args.only_mfu:
         mfu = part3(args, spec)
-        out(f"RESULT sampling MFU, {mfu[0]} ({resolve_precision(args.precision, 'cpu')}, guidance, batch {args.mfu_batch}, against the interleaved matmul "
+        out(f"RESULT sampling MFU, {mfu[0]} ({args.precision}, guidance, batch {args.mfu_batch}, against the interleaved matmul "
             f"peak): {mfu[1] * 100:.1f}% (target 25%)")
         return
     out("\nPart 1: full recomputation / cached sampling")
