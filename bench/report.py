@@ -29,8 +29,19 @@ def out(line: str = "") -> None:
     _lines.append(line)
 
 
+NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+
+
+def yardstick(dtype: torch.dtype) -> torch.dtype:
+    """The product dtype whose throughput is the ideal for work in `dtype`: itself, except bf16 on a
+    CPU without native bf16, where PyTorch's bf16 product is a reference loop 100x slower than fp32 and
+    the fastest route for bf16 operands is fp32 arithmetic on them widened (what the block kernel does)."""
+    return torch.float32 if dtype == torch.bfloat16 and not native_bf16("cpu") else dtype
+
+
 class Peak:
-    """The n^3 matmul's throughput in `dtype`, measured in windows interleaved with the timed work.
+    """The n^3 matmul's throughput in `yardstick(dtype)`, measured in windows interleaved with the
+    timed work (`name` says which dtype that is).
 
     This machine's matmul throughput moves between ~0.6 and ~2.5 TFLOP/s (bf16) from one second to
     the next. `mean` is the throughput over all windows (total FLOPs / total time): the rate the
@@ -38,11 +49,11 @@ class Peak:
     fastest single product seen (a burst the sustained work never sees for long).
     """
 
-    def __init__(self, dtype: torch.dtype, n: int | None = None):
-        if n is None:  # 2048; 512 for bf16 on CPUs without native bf16 (PyTorch's loop takes a minute at 2048^3)
-            n = 2048 if dtype != torch.bfloat16 or native_bf16("cpu") else 512
+    def __init__(self, dtype: torch.dtype, n: int = 2048):
         self.n = n
-        self.a, self.b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        self.dtype = yardstick(dtype)
+        self.name = NAMES.get(self.dtype, str(self.dtype))
+        self.a, self.b = torch.randn(n, n, dtype=self.dtype), torch.randn(n, n, dtype=self.dtype)
         self.flop = 2 * n ** 3
         for _ in range(2):
             self.a @ self.b

@@ -13,7 +13,8 @@ Part 1 prints measured wall-time ratios beside that prediction for a tiny config
 prints cached sampling time against the number of blocks at total lengths 1k, 4k and 16k
 tokens (the shape of the paper's Fig. 6). Part 3 prints images/s and sampling MFU (counted
 FLOPs / time / the mean throughput of 2048^3 matmul windows in the same dtype interleaved with the
-blocks, as this machine's matmul throughput drifts) for both configs with guidance in bf16 (fp32
+blocks, as this machine's matmul throughput drifts; fp32 windows for bf16 forced on a CPU without
+native bf16) for both configs with guidance in bf16 (fp32
 on CPUs without native bf16 matmuls, `--precision auto`) and model.compile=True, batch 8, 4 blocks
 of 256 tokens.
 
@@ -33,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import Peak, out, time_split, write_readme  # noqa: E402
+from report import NAMES, Peak, out, yardstick, time_split, write_readme  # noqa: E402
 from unimodal.config import PRECISIONS, ModelConfig, load_config, resolve_precision  # noqa: E402
 from unimodal.model import ACDiT  # noqa: E402
 from unimodal.sampling import SequenceSampler  # noqa: E402
@@ -103,7 +104,7 @@ def part3(args, spec: PackSpec) -> tuple[str, float]:
     wcast = " (weights cast once)" if prec == "bf16" else ""
     out(f"\nPart 3: cached sampling throughput, {prec}{wcast}, model.compile=True, batch {args.mfu_batch}, "
         f"guidance 1.5 (2 streams), 4 blocks of 256 tokens (32x32x4 latents, patch 1), {args.mfu_steps} steps per "
-        f"block; every block follows a 2048^3 {prec} matmul window as long as the block")
+        f"block; every block follows a 2048^3 {NAMES[yardstick(dtype)]} matmul window as long as the block")
     tiny = tiny_model()
     tiny.cfg = dataclasses.replace(tiny.cfg, compile=True)
     mfu_cfgs = [("tiny", tiny)]

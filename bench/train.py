@@ -6,7 +6,8 @@ and 4 d per allowed (query, key) pair of the mask for attention (the empty part 
 counted); the final layer and embeddings are added; a training step is 3x the forward.
 This machine's matmul throughput drifts (bf16 2048^3 between ~0.6 and ~2.5 TFLOP/s, second to
 second), so the peak is measured in the same stretch of time as the work: every timed step is
-preceded by a window of back-to-back 2048^3 products as long as the step, and MFU = the row's
+preceded by a window of back-to-back 2048^3 products as long as the step (fp32 ones for bf16 work
+on a CPU without native bf16, the fastest route there), and MFU = the row's
 achieved FLOP/s / the products' mean FLOP/s over its windows. The MFU against the fastest single
 product of the whole run is printed beside it.
 One more step per row runs under the profiler and splits its time between the dense matmuls, the
@@ -32,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import Peak, interleaved, out, time_split, write_readme  # noqa: E402
+from report import NAMES, Peak, interleaved, yardstick, out, time_split, write_readme  # noqa: E402
 from unimodal import masks  # noqa: E402
 from unimodal.config import PRECISIONS, ModelConfig, resolve_precision  # noqa: E402
 from unimodal.diffusion import LossConfig, train_scheduler, training_loss  # noqa: E402
@@ -97,8 +98,9 @@ def main() -> None:
     ap.add_argument("--readme", action="store_true", help="write this run's output into README.md's results")
     args = ap.parse_args()
     args.precision = resolve_precision(args.precision, "cpu")
+    work = torch.bfloat16 if args.precision == "bf16" else torch.float32
     out(f"torch {torch.__version__}, {torch.get_num_threads()} threads; training in {args.precision}; each timed "
-        f"step is preceded by a 2048^3 {args.precision} matmul window as long as the step (the matmul throughput of "
+        f"step is preceded by a 2048^3 {NAMES[yardstick(work)]} matmul window as long as the step (the matmul throughput of "
         f"this machine drifts from second to second), so each row's achieved FLOP/s and matmul peak come from the same "
         f"stretch of time")
     rows = []
