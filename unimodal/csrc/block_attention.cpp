@@ -9,8 +9,9 @@
 // Backward, per (batch, head), group, tile of queries and tile of keys: dP = dO V^T, P kept or recomputed
 // (S = Q K^T, P = exp(scale S - lse)), dS = P (dP - delta); dV += P^T dO, dK += dS^T Q, dQ += dS K,
 // accumulated in fp32 (dK and dQ times the scale when written out).
-// bf16 operands go through vdpbf16ps (pairs of bf16 along the reduction axis, fp32 sums); P and dS are
-// rounded to the operands' dtype for their products, as GPU flash attention does.
+// bf16 operands go through vdpbf16ps (pairs of bf16 along the reduction axis, fp32 sums; on AVX2, fp32 FMAs
+// on the pairs' exact fp32 values); P and dS are rounded to the operands' dtype for their products, as GPU
+// flash attention does.
 //
 // Called through ctypes (plain C ABI, raw pointers); tensors are (B, H, L, D) with any strides along
 // B, H, L and the last axis contiguous (the forward's keys and values may be longer or shorter than its
@@ -32,6 +33,7 @@
 #include <memory>
 #include <mutex>
 #include <new>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -99,54 +101,135 @@ inline void log16_rows(int n, const float* mx, const float* sum, float scale, fl
   }
 }
 
-// ---------------------------------------------------------------- GEMM: C (M x N, fp32) (+)= A (M x K) Bp (K x N)
-// A: row i at A + i lda, its element k (fp32) or pair of elements k, k+1 (bf16) at (k / KS) ldk from there
-// (row-major: ldk = KS); Bp packed: fp32 [K][ldb], bf16 [K/2][ldb][2]. N a multiple of 16; for bf16 K even
-// (callers pad with zeros).
+// ---------------------------------------------------------------- micro-kernels
 
 template <typename T> struct KStep;
 template <> struct KStep<float> { static constexpr int v = 1; };
 template <> struct KStep<bf16> { static constexpr int v = 2; };
 template <typename T> constexpr int EXP_DEG = KStep<T>::v == 2 ? 4 : 5;
 
-template <typename T, int MR, int NV, bool ACC>
-void micro(int K, const T* A, int lda, int ldk, const T* Bp, int ldb, float* C, int ldc) {
+// acc[i][j] += A(i, k) Bp(k, 16 j ...) over k < K: the k loops of the micro-kernels. A's element k of row i
+// at A + i lda + k ldk (fp32), or its pair k, k + 1 at A + i lda + (k / 2) ldk (bf16).
+template <int MR, int NV>
+inline void kloop(__m512 (&acc)[MR][NV], int K, const float* A, int lda, int ldk, const float* Bp, int ldb) {
+  for (int k = 0; k < K; k++) {
+    __m512 b[NV];
+    for (int j = 0; j < NV; j++) b[j] = _mm512_loadu_ps(Bp + (size_t)k * ldb + 16 * j);
+    for (int i = 0; i < MR; i++) {
+      __m512 a = _mm512_set1_ps(A[i * lda + (size_t)k * ldk]);
+      for (int j = 0; j < NV; j++) acc[i][j] = _mm512_fmadd_ps(a, b[j], acc[i][j]);
+    }
+  }
+}
+template <int MR, int NV>
+inline void kloop(__m512 (&acc)[MR][NV], int K, const bf16* A, int lda, int ldk, const bf16* Bp, int ldb) {
+  for (int k = 0; k < K; k += 2) {
+    __m512bh b[NV];
+    for (int j = 0; j < NV; j++) b[j] = (__m512bh)_mm512_loadu_si512(Bp + (size_t)(k / 2) * ldb * 2 + 32 * j);
+    for (int i = 0; i < MR; i++) {
+      int32_t pair;
+      std::memcpy(&pair, A + i * lda + (size_t)(k / 2) * ldk, 4);
+      __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
+      for (int j = 0; j < NV; j++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], a, b[j]);
+    }
+  }
+}
+#ifdef UNIMODAL_AVX2
+// AVX2 has no bf16 dot product, and splitting both operands' pairs in the k loop costs more instructions
+// than the FMAs: A is widened to fp32 once per GEMM (every column panel reuses it), and each pair of B's
+// packed rows is split into its even row (the low halves, shifted up) and its odd row (the high halves), as
+// exact fp32 values, each used by all MR rows.
+template <int MR, int NV>
+inline void kloop(__m512 (&acc)[MR][NV], int K, const float* A, int lda, int ldk, const bf16* Bp, int ldb) {
+  static_assert(NV == 1, "the AVX2 panels are one vector wide");
+  const __m256i hi = _mm256_set1_epi32(int(0xffff0000u));
+  for (int k = 0; k < K; k += 2) {
+    const __m256i* bp = reinterpret_cast<const __m256i*>(Bp + (size_t)(k / 2) * ldb * 2);
+    for (int odd = 0; odd < 2; odd++) {
+      const __m256i w0 = _mm256_loadu_si256(bp), w1 = _mm256_loadu_si256(bp + 1);
+      const __m256 b0 = _mm256_castsi256_ps(odd ? _mm256_and_si256(w0, hi) : _mm256_slli_epi32(w0, 16));
+      const __m256 b1 = _mm256_castsi256_ps(odd ? _mm256_and_si256(w1, hi) : _mm256_slli_epi32(w1, 16));
+      for (int i = 0; i < MR; i++) {
+        const __m256 a = _mm256_broadcast_ss(A + i * lda + (size_t)(k + odd) * ldk);
+        acc[i][0].lo = _mm256_fmadd_ps(a, b0, acc[i][0].lo);
+        acc[i][0].hi = _mm256_fmadd_ps(a, b1, acc[i][0].hi);
+      }
+    }
+  }
+}
+
+inline float widen1(bf16 x) {
+  const uint32_t u = uint32_t(x) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// A (M x K bf16, as gemm reads it) -> fp32 W; returns W's (lda, ldk). Row-major pairs (ldk = 2) stay
+// row-major; pairs of the transposed operands (lda = 2: consecutive rows' pairs side by side) become
+// columns (W(i, k) at k M + i); both 8 words per instruction.
+inline std::pair<int, int> widen(int M, int K, const bf16* A, int lda, int ldk, float* W) {
+  const __m256i hi = _mm256_set1_epi32(int(0xffff0000u));
+  auto wide8 = [](const bf16* p) {  // 8 consecutive bf16 -> fp32
+    return _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
+  };
+  if (ldk == 2) {
+    for (int i = 0; i < M; i++) {
+      const bf16* a = A + (size_t)i * lda;
+      float* w = W + (size_t)i * K;
+      int k = 0;
+      for (; k + 8 <= K; k += 8) _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + k), wide8(a + k));
+      for (; k < K; k++) w[k] = widen1(a[k]);
+    }
+    return {K, 1};
+  }
+  if (lda == 2) {
+    for (int k = 0; k < K; k += 2) {
+      const bf16* a = A + (size_t)(k / 2) * ldk;
+      float *w0 = W + (size_t)k * M, *w1 = w0 + M;
+      int i = 0;
+      for (; i + 8 <= M; i += 8) {
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 2 * i));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(w0 + i), _mm256_slli_epi32(x, 16));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(w1 + i), _mm256_and_si256(x, hi));
+      }
+      for (; i < M; i++) {
+        w0[i] = widen1(a[2 * i]);
+        w1[i] = widen1(a[2 * i + 1]);
+      }
+    }
+    return {1, M};
+  }
+  for (int i = 0; i < M; i++)
+    for (int k = 0; k < K; k++)
+      W[(size_t)i * K + k] = widen1(A[(size_t)i * lda + (size_t)(k / 2) * ldk + k % 2]);
+  return {K, 1};
+}
+
+thread_local std::vector<float> widened;  // the calling thread's widened A
+#endif
+
+// ---------------------------------------------------------------- GEMM: C (M x N, fp32) (+)= A (M x K) Bp (K x N)
+// A as kloop reads it; Bp packed: fp32 [K][ldb], bf16 [K/2][ldb][2]. N a multiple of 16; for bf16 K even
+// (callers pad with zeros).
+
+template <typename TA, typename TB, int MR, int NV, bool ACC>
+void micro(int K, const TA* A, int lda, int ldk, const TB* Bp, int ldb, float* C, int ldc) {
   if (K <= 0) __builtin_unreachable();
   __m512 acc[MR][NV];
   for (int i = 0; i < MR; i++)
     for (int j = 0; j < NV; j++) acc[i][j] = ACC ? _mm512_loadu_ps(C + i * ldc + 16 * j) : _mm512_setzero_ps();
-  if constexpr (KStep<T>::v == 1) {
-    for (int k = 0; k < K; k++) {
-      __m512 b[NV];
-      for (int j = 0; j < NV; j++) b[j] = _mm512_loadu_ps(Bp + (size_t)k * ldb + 16 * j);
-      for (int i = 0; i < MR; i++) {
-        __m512 a = _mm512_set1_ps(A[i * lda + (size_t)k * ldk]);
-        for (int j = 0; j < NV; j++) acc[i][j] = _mm512_fmadd_ps(a, b[j], acc[i][j]);
-      }
-    }
-  } else {
-    for (int k = 0; k < K; k += 2) {
-      __m512bh b[NV];
-      for (int j = 0; j < NV; j++)
-        b[j] = (__m512bh)_mm512_loadu_si512(Bp + (size_t)(k / 2) * ldb * 2 + 32 * j);
-      for (int i = 0; i < MR; i++) {
-        int32_t pair;
-        std::memcpy(&pair, A + i * lda + (size_t)(k / 2) * ldk, 4);
-        __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
-        for (int j = 0; j < NV; j++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], a, b[j]);
-      }
-    }
-  }
+  kloop(acc, K, A, lda, ldk, Bp, ldb);
   for (int i = 0; i < MR; i++)
     for (int j = 0; j < NV; j++) _mm512_storeu_ps(C + i * ldc + 16 * j, acc[i][j]);
 }
 
-template <typename T>
-using MicroFn = void (*)(int, const T*, int, int, const T*, int, float*, int);
+template <typename TA, typename TB>
+using MicroFn = void (*)(int, const TA*, int, int, const TB*, int, float*, int);
 
-template <typename T, int NV, bool ACC, int... MRs>
+template <typename TA, typename TB, int NV, bool ACC, int... MRs>
 constexpr auto micro_row(std::integer_sequence<int, MRs...>) {
-  return std::array<MicroFn<T>, sizeof...(MRs)>{&micro<T, MRs + 1, NV, ACC>...};
+  return std::array<MicroFn<TA, TB>, sizeof...(MRs)>{&micro<TA, TB, MRs + 1, NV, ACC>...};
 }
 
 constexpr int MAX_MR = 8;
@@ -154,27 +237,38 @@ constexpr int MAX_MR = 8;
 constexpr int MAX_NV = 4;
 template <typename T>
 int mr_for(int nv) { return nv == 4 ? 6 : 8; }  // accumulators + B vectors within 32 registers
+template <typename T> using AType = T;  // what the micro-kernels read A as
 #else
 constexpr int MAX_NV = 1;  // a vector of 16 is two registers of 16: accumulators + operands within them
 template <typename T>
-int mr_for(int) { return KStep<T>::v == 1 ? 6 : 4; }  // bf16 products need the pairs split: 4 more
+int mr_for(int) { return KStep<T>::v == 1 ? 6 : 5; }  // bf16: the mask and both halves of a B row besides
+template <typename T> using AType = float;
 #endif
 
 // table[accumulate][nv - 1][mr - 1]: the micro-kernel of mr rows and nv vectors of 16 columns
-template <typename T, int... NVs>
+template <typename TA, typename TB, int... NVs>
 auto micro_table(std::integer_sequence<int, NVs...>) {
   using Seq = std::make_integer_sequence<int, MAX_MR>;
-  using Row = std::array<MicroFn<T>, MAX_MR>;
+  using Row = std::array<MicroFn<TA, TB>, MAX_MR>;
   return std::array<std::array<Row, sizeof...(NVs)>, 2>{
-      {{micro_row<T, NVs + 1, false>(Seq{})...}, {micro_row<T, NVs + 1, true>(Seq{})...}}};
+      {{micro_row<TA, TB, NVs + 1, false>(Seq{})...}, {micro_row<TA, TB, NVs + 1, true>(Seq{})...}}};
 }
 
 // Column panels of 4 vectors (6 rows per micro-kernel call), then 3, 2 or 1 (8 rows); on AVX2, of 1 vector
-// (6 rows in fp32, 4 in bf16).
+// (6 rows in fp32, 5 in bf16, whose A is widened first).
 template <typename T>
 void gemm(int M, int N, int K, const T* A, int lda, const T* Bp, int ldb, float* C, int ldc, bool accumulate,
           int ldk = KStep<T>::v) {
-  static const auto table = micro_table<T>(std::make_integer_sequence<int, MAX_NV>{});
+  using TA = AType<T>;
+  static const auto table = micro_table<TA, T>(std::make_integer_sequence<int, MAX_NV>{});
+  const TA* a = reinterpret_cast<const TA*>(A);
+#ifdef UNIMODAL_AVX2
+  if constexpr (KStep<T>::v == 2) {
+    if (widened.size() < (size_t)M * K) widened.resize((size_t)M * K);
+    std::tie(lda, ldk) = widen(M, K, A, lda, ldk, widened.data());
+    a = widened.data();
+  }
+#endif
   for (int n0 = 0, nv; n0 < N; n0 += 16 * nv) {
     nv = std::min(MAX_NV, (N - n0) / 16);
     int MR = mr_for<T>(nv);
@@ -182,7 +276,7 @@ void gemm(int M, int N, int K, const T* A, int lda, const T* Bp, int ldb, float*
     const int calls = (M + MR - 1) / MR, big = M - (M / calls) * calls;  // rows split evenly: no thin last call
     for (int c = 0, m0 = 0; c < calls; c++) {
       int mr = M / calls + (c < big);
-      table[accumulate][nv - 1][mr - 1](K, A + (size_t)m0 * lda, lda, ldk, B, ldb, C + (size_t)m0 * ldc + n0, ldc);
+      table[accumulate][nv - 1][mr - 1](K, a + (size_t)m0 * lda, lda, ldk, B, ldb, C + (size_t)m0 * ldc + n0, ldc);
       m0 += mr;
     }
   }
@@ -652,24 +746,16 @@ struct Ahead {
 // bf16 with kept probabilities: dS of 2 PAIRS rows and 16 NV columns of a tile, dP = dO V^T held in
 // registers (K = D). E (kept, pairs, 2 ld elements per pair of rows), nrm and dlt (per row) at the block's
 // first row; dS = E (dP nrm - dlt) to dSr (row-major, rows ld apart) and dSb (pairs, 2 ld per pair).
+// A (dO's rows) row-major, as AType<bf16>.
 template <int PAIRS_, int NV>
-void micro_ds(int K, const bf16* A, int lda, const bf16* Bp, int ldb, const bf16* E, const float* nrm,
+void micro_ds(int K, const AType<bf16>* A, int lda, const bf16* Bp, int ldb, const bf16* E, const float* nrm,
               const float* dlt, bf16* dSr, bf16* dSb, int ld, Ahead* ahead) {
   if (K <= 0) __builtin_unreachable();
   constexpr int MR = 2 * PAIRS_;
   __m512 acc[MR][NV];
   for (int i = 0; i < MR; i++)
     for (int j = 0; j < NV; j++) acc[i][j] = _mm512_setzero_ps();
-  for (int k = 0; k < K; k += 2) {
-    __m512bh b[NV];
-    for (int j = 0; j < NV; j++) b[j] = (__m512bh)_mm512_loadu_si512(Bp + (size_t)(k / 2) * ldb * 2 + 32 * j);
-    for (int i = 0; i < MR; i++) {
-      int32_t pair;
-      std::memcpy(&pair, A + i * lda + k, 4);
-      __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
-      for (int j = 0; j < NV; j++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], a, b[j]);
-    }
-  }
+  kloop(acc, K, A, lda, KStep<AType<bf16>>::v, Bp, ldb);
   const __m512i hi = _mm512_set1_epi32(int(0xffff0000u));
   for (int p = 0; p < PAIRS_; p++) {
     const __m512 n0 = _mm512_set1_ps(nrm[2 * p]), n1 = _mm512_set1_ps(nrm[2 * p + 1]);
@@ -687,8 +773,8 @@ void micro_ds(int K, const bf16* A, int lda, const bf16* Bp, int ldb, const bf16
   }
 }
 
-using DsFn = void (*)(int, const bf16*, int, const bf16*, int, const bf16*, const float*, const float*, bf16*, bf16*,
-                      int, Ahead*);
+using DsFn = void (*)(int, const AType<bf16>*, int, const bf16*, int, const bf16*, const float*, const float*, bf16*,
+                      bf16*, int, Ahead*);
 
 #ifndef UNIMODAL_AVX2
 constexpr int MAX_PAIRS = 3;
@@ -708,12 +794,18 @@ constexpr auto ds_table(std::integer_sequence<int, NVs...>) {  // [nv - 1][pairs
 void gemm_ds(int M, int N, int K, const bf16* A, int lda, const bf16* Bp, int ldb, const bf16* E, const float* nrm,
              const float* dlt, bf16* dSr, bf16* dSb, Ahead* ahead) {
   static const auto table = ds_table(std::make_integer_sequence<int, MAX_NV>{});
+  const AType<bf16>* a = reinterpret_cast<const AType<bf16>*>(A);
+#ifdef UNIMODAL_AVX2
+  if (widened.size() < (size_t)M * K) widened.resize((size_t)M * K);
+  lda = widen(M, K, A, lda, 2, widened.data()).first;
+  a = widened.data();
+#endif
   const int pairs = M / 2, calls = (pairs + MAX_PAIRS - 1) / MAX_PAIRS, base = pairs / calls, big = pairs - base * calls;
   for (int n0 = 0, nv; n0 < N; n0 += 16 * nv) {
     nv = std::min(MAX_NV, (N - n0) / 16);
     for (int c = 0, m0 = 0; c < calls; c++) {
       const int np = base + (c < big);
-      table[nv - 1][np - 1](K, A + (size_t)m0 * lda, lda, Bp + (size_t)n0 * 2, ldb, E + (size_t)m0 * N + 2 * n0,
+      table[nv - 1][np - 1](K, a + (size_t)m0 * lda, lda, Bp + (size_t)n0 * 2, ldb, E + (size_t)m0 * N + 2 * n0,
                             nrm + m0, dlt + m0, dSr + (size_t)m0 * N + n0, dSb + (size_t)m0 * N + 2 * n0, N, ahead);
       m0 += 2 * np;
     }
