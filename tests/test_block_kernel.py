@@ -19,13 +19,14 @@ GRAD_TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol
 def layouts():
     g = torch.Generator().manual_seed(0)
     one = [Sample([Image(torch.randn(1, 32, 32, generator=g), block=64)])]  # 16 blocks of 64
+    small = [Sample([Image(torch.randn(1, 16, 16, generator=g), block=16)])]  # 16 blocks of 16
     big = [Sample([Image(torch.randn(1, 32, 32, generator=g), block=256)])]  # 4 blocks of 256
     rect = [Sample([Image(torch.randn(1, 16, 32, generator=g), block=(4, 8))])]  # 16 blocks of 32
     video = [Sample([Video(torch.randn(4, 1, 8, 8, generator=g), frames_per_block=1)])]  # 4 blocks of 64
     docs = [Sample([Image(torch.randn(1, 16, 16, generator=g), block=64)]),  # two documents in one row
             Sample([Image(torch.randn(1, 8, 16, generator=g), block=(4, 8))])]
     mixed = [Sample([Text(torch.arange(16)), Image(torch.randn(1, 16, 16, generator=g), block=64)], label=1)]
-    return {"16x64": one, "4x256": big, "rect": rect, "video": video, "two-docs": docs, "text+image": mixed}
+    return {"16x64": one, "16x16": small, "4x256": big, "rect": rect, "video": video, "two-docs": docs, "text+image": mixed}
 
 
 LAYOUTS = layouts()
@@ -56,10 +57,12 @@ def test_kernel_matches_naive_attention_and_aten(name, dtype, D, keep, monkeypat
     monkeypatch.setattr(attention, "KEEP_PROBS_MIB", 1024 if keep else 0)
     lay = pack(LAYOUTS[name], PackSpec()).layout
     B, L, H = lay.shape[0], lay.shape[1], 2
-    groups = masks.query_groups(lay.row(0))
+    groups = attention.block_groups(lay.row(0))
     fused, rest = attention._kernel_split(torch.empty(1, 1, 1, D, dtype=dtype), groups)
     assert fused, "the kernel must take some groups of this layout"
-    assert (name == "text+image") == bool(rest)  # text runs are masked groups: ATen's kernels take them
+    # text runs are masked groups, which ATen's kernels take; the kernel takes every image block,
+    # 16-token ones included
+    assert (name == "text+image") == bool(rest), [(g.q0, g.q1) for g in rest]
     q, k, v = qkv(B, H, L, D, dtype, seed=D)
     dout = torch.randn(B, H, L, D, generator=torch.Generator().manual_seed(1)).to(dtype)
     got = run(q, k, v, lay, dout)

@@ -162,9 +162,16 @@ class AttnContext:
 
     def groups(self) -> list:
         if self._groups is None:
-            self._groups = [masks.query_groups(self.layout.row(b)) for b in range(self.layout.shape[0])] \
-                if not self.layout.rows_identical() else [masks.query_groups(self.layout.row(0))]
+            self._groups = [block_groups(self.layout.row(b)) for b in range(self.layout.shape[0])] \
+                if not self.layout.rows_identical() else [block_groups(self.layout.row(0))]
         return self._groups
+
+
+def block_groups(row: Layout) -> list:
+    """The block path's query groups of one row. Where the own kernel runs, a clean unit as long as its
+    alignment gets a group of its own, which the kernel takes unmasked; ATen's kernels cost a call per
+    group, so there units under 32 tokens merge into masked groups."""
+    return masks.query_groups(row, small_unit=block_kernel.ALIGN if block_kernel.available() else 32)
 
 
 _DENSE: dict = {}
@@ -298,7 +305,7 @@ def choose_backend(requested: str, layout: Layout, device: torch.device, trainin
     if device.type == "cuda":
         return "flex"
     if layout.rows_identical():
-        n = len(masks.query_groups(layout.row(0)))
+        n = len(block_groups(layout.row(0)))
         return "block" if n <= MAX_BLOCK_GROUPS else "sdpa"
     return "sdpa"
 

@@ -34,6 +34,7 @@ SOURCE = Path(__file__).resolve().parent / "csrc" / "block_attention.cpp"
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp"]
 NATIVE = {"avx512f", "avx512bw", "avx512_bf16"}  # the CPU flags of the AVX-512 build; else AVX2 + FMA
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+ALIGN = 16  # query counts and key range lengths the packed layouts take: multiples of this
 FORWARD_EVENT, BACKWARD_EVENT = "unimodal::block_attention_forward", "unimodal::block_attention_backward"
 
 _lib: ctypes.CDLL | None = None
@@ -112,8 +113,8 @@ def supports(q: Tensor) -> bool:
 def takes(group) -> bool:
     """Whether the kernel takes this query group: every pair allowed, and the packed layouts' alignment
     (query count and range lengths multiples of 16, even starts)."""
-    return (group.mask is None and bool(group.k_ranges) and (group.q1 - group.q0) % 16 == 0 and group.q0 % 2 == 0
-            and all((e - s) % 16 == 0 and s % 2 == 0 for s, e in group.k_ranges))
+    return (group.mask is None and bool(group.k_ranges) and (group.q1 - group.q0) % ALIGN == 0 and group.q0 % 2 == 0
+            and all((e - s) % ALIGN == 0 and s % 2 == 0 for s, e in group.k_ranges))
 
 
 _PER_LIST: dict = {}  # (what, id(groups)) -> (groups, value)
