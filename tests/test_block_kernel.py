@@ -81,6 +81,19 @@ def test_kernel_matches_naive_attention_and_aten(name, dtype, D, keep, monkeypat
             assert err <= 1.5 * err_aten + 1e-4, (name_, float(err), float(err_aten))
 
 
+@pytest.mark.parametrize("block", [16, 4])
+def test_auto_backend_counts_only_the_groups_atens_kernels_take(block):
+    """64 blocks of 16 tokens: 128 query groups, all taken by the kernel in one call, so "auto" keeps the
+    block path; 256 blocks of 4 tokens: hundreds of masked groups, a call each, so dense SDPA."""
+    lay = pack([Sample([Image(torch.randn(1, 32, 32), block=block)])], PackSpec()).layout
+    groups = attention.block_groups(lay.row(0))
+    aten = [g for g in groups if not block_kernel.takes(g)]
+    assert len(groups) > attention.MAX_BLOCK_GROUPS
+    assert (len(aten) > attention.MAX_BLOCK_GROUPS) == (block == 4)
+    got = attention.choose_backend("auto", lay, torch.device("cpu"), training=True, cached=False)
+    assert got == ("sdpa" if block == 4 else "block")
+
+
 def test_probabilities_are_kept_for_training_only_and_within_the_memory_limit(monkeypatch):
     """The forward keeps the probabilities (one per allowed pair) when gradients will be taken and the
     probabilities held by live graphs stay within KEEP_PROBS_MIB; not under no_grad, not for inputs

@@ -27,7 +27,9 @@ from .config import rope_base
 from .masks import Layout
 
 BACKENDS = ("auto", "sdpa", "block", "flex", "flash")
-MAX_BLOCK_GROUPS = 96  # above this many query groups per row the block path falls back to dense SDPA
+# above this many query groups per row that ATen's kernels take (a call each; the own kernel takes the rest
+# in one call) the block path falls back to dense SDPA
+MAX_BLOCK_GROUPS = 96
 # The CPU backward kernel in bf16 beats the fp32 one (1.1-1.3x) from about 128 queries per call and
 # loses below (0.5x at 16): smaller groups of a bf16 block path take the fp32 kernel (measured here).
 LOW_BWD_MIN_QUERIES = 128
@@ -305,7 +307,9 @@ def choose_backend(requested: str, layout: Layout, device: torch.device, trainin
     if device.type == "cuda":
         return "flex"
     if layout.rows_identical():
-        n = len(block_groups(layout.row(0)))
+        groups = block_groups(layout.row(0))
+        n = block_kernel.per_list("aten", groups, lambda gs: sum(not block_kernel.takes(g) for g in gs)) \
+            if block_kernel.available() else len(groups)
         return "block" if n <= MAX_BLOCK_GROUPS else "sdpa"
     return "sdpa"
 
