@@ -137,7 +137,9 @@ def machine() -> str:
         pass
     isa = torch.backends.cpu.get_cpu_capability()  # what ATen's kernels use: AVX2, AVX512, ...
     bf16 = "native bf16 matmul" if native_bf16("cpu") else "no native bf16 matmul"
-    return (f"{cpu} ({isa}, {bf16}), {os.cpu_count()} cores{mem}; torch {torch.__version__}, "
+    from unimodal import block_kernel
+    return (f"{cpu} ({isa}, {bf16}, block kernel {block_kernel.target()}), {os.cpu_count()} cores{mem}; "
+            f"torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads; Python {platform.python_version()}")
 
 

@@ -1,6 +1,10 @@
 """The fused CPU block-attention kernel (unimodal/csrc/block_attention.cpp) against fp64 naive
-softmax attention and against ATen's kernels on the same groups, forward and backward."""
+softmax attention and against ATen's kernels on the same groups, forward and backward; its bf16 AMX path
+on software-emulated tiles where the CPU has no AMX."""
 import math
+import os
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -26,7 +30,9 @@ def layouts():
     docs = [Sample([Image(torch.randn(1, 16, 16, generator=g), block=64)]),  # two documents in one row
             Sample([Image(torch.randn(1, 8, 16, generator=g), block=(4, 8))])]
     mixed = [Sample([Text(torch.arange(16)), Image(torch.randn(1, 16, 16, generator=g), block=64)], label=1)]
-    return {"16x64": one, "16x16": small, "4x256": big, "rect": rect, "video": video, "two-docs": docs, "text+image": mixed}
+    odd = [Sample([Image(torch.randn(1, 12, 16, generator=g), block=(6, 8))])]  # 4 blocks of 48: K = 32 + 16
+    return {"16x64": one, "16x16": small, "4x256": big, "rect": rect, "video": video, "two-docs": docs,
+            "text+image": mixed, "4x48": odd}
 
 
 LAYOUTS = layouts()
@@ -49,11 +55,24 @@ def run(q, k, v, lay, dout):
     return (out, *torch.autograd.grad(out, (q, k, v), dout))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.fixture(scope="module")
+def amx_emulated():
+    """The kernel built with its AMX tiles emulated in software (csrc/amx_emulated.h)."""
+    if not block_kernel.NATIVE <= block_kernel._cpu_flags():
+        pytest.skip("the AMX path is part of the AVX-512 build, which this CPU cannot run")
+    lib = block_kernel.build(emulate_amx=True)
+    assert lib.amx, "the emulated build runs its bf16 products on tiles"
+    return lib
+
+
+@pytest.mark.parametrize("dtype,build", [(torch.float32, "native"), (torch.bfloat16, "native"),
+                                         (torch.bfloat16, "amx-emulated")], ids=["fp32", "bf16", "bf16-amx-emulated"])
 @pytest.mark.parametrize("name", list(LAYOUTS))
 @pytest.mark.parametrize("D", [32, 64])
 @pytest.mark.parametrize("keep", [True, False], ids=["kept-probs", "recomputed-probs"])
-def test_kernel_matches_naive_attention_and_aten(name, dtype, D, keep, monkeypatch):
+def test_kernel_matches_naive_attention_and_aten(name, dtype, build, D, keep, monkeypatch, request):
+    if build == "amx-emulated":
+        monkeypatch.setattr(block_kernel, "_lib", request.getfixturevalue("amx_emulated"))
     monkeypatch.setattr(attention, "KEEP_PROBS_MIB", 1024 if keep else 0)
     lay = pack(LAYOUTS[name], PackSpec()).layout
     B, L, H = lay.shape[0], lay.shape[1], 2
@@ -287,3 +306,41 @@ def test_inputs_the_kernel_cannot_read_in_place_are_copied(dtype):
     assert all(torch.equal(a, b) for a, b in zip(ref, got))
     with pytest.raises(ValueError, match="out"):
         block_kernel.forward(q, k, v, torch.empty(1, 2, L, 2 * D, dtype=dtype)[..., ::2], groups)
+
+
+def test_amx_is_used_exactly_where_the_cpu_has_it():
+    """The bf16 products run on AMX tiles where the CPU reports AMX-TILE and AMX-BF16 (unless UNIMODAL_AMX=0),
+    and the kernel targets AMX only through -march=native there; elsewhere the vector path runs."""
+    has = {"amx_tile", "amx_bf16"} <= block_kernel._cpu_flags() and block_kernel.NATIVE <= block_kernel._cpu_flags()
+    want = os.environ.get("UNIMODAL_AMX", "1") != "0"
+    assert block_kernel.amx() == (has and want), "AMX not in use on a CPU that has it (OS permission refused?)"
+    lib = block_kernel.library()
+    try:
+        assert lib.block_attention_amx(0) == 0  # switched off: the vector path
+    finally:
+        assert lib.block_attention_amx(int(want)) == int(has and want)
+
+
+def test_amx_build_compiles_to_tile_instructions_and_falls_back_without_them(monkeypatch):
+    """The kernel compiled for AMX (as -march=native does on an AMX CPU) holds the tile instructions, and on a
+    CPU without AMX, or with the OS refusing the tile state, it keeps to the vector path: same results."""
+    if not block_kernel.NATIVE <= block_kernel._cpu_flags():
+        pytest.skip("the AMX path is part of the AVX-512 build, which this CPU cannot run")
+    try:
+        lib = block_kernel.build(extra_flags=("-mamx-tile", "-mamx-bf16"))
+    except RuntimeError as e:
+        if "amx" in str(e).lower():
+            pytest.skip(f"the compiler does not target AMX: {str(e)[-200:]}")
+        raise
+    if shutil.which("objdump"):
+        asm = subprocess.run(["objdump", "-d", lib._name], capture_output=True, text=True).stdout
+        for op in ("ldtilecfg", "tileloadd", "tdpbf16ps", "tilestored", "tilerelease"):
+            assert op in asm, op
+    assert lib.amx == ({"amx_tile", "amx_bf16"} <= block_kernel._cpu_flags())
+    lay = pack(LAYOUTS["4x48"], PackSpec()).layout
+    groups = masks.query_groups(lay.row(0))
+    q, k, v = (t.detach() for t in qkv(1, 2, lay.shape[1], 64, torch.bfloat16, seed=2))
+    out = torch.empty_like(q)
+    monkeypatch.setattr(block_kernel, "_lib", lib)
+    block_kernel.forward(q, k, v, out, groups)
+    torch.testing.assert_close(out.double(), naive(q, k, v, masks.dense_mask(lay)[:, None]), **TOL[torch.bfloat16])

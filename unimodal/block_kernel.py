@@ -5,7 +5,10 @@ Built on first use with the system C++ compiler (`-march=native`, plus `-mno-avx
 AVX512-BF16: the AVX2 build) into `<cache>/kernels/`, keyed by the sources' hash and the compiler flags,
 and loaded with ctypes. Where it cannot be built (no compiler, a CPU without AVX2 and FMA) or
 `UNIMODAL_BLOCK_KERNEL=0` is set, `available()` is False and the block path uses ATen's fused SDPA
-kernels instead.
+kernels instead. On CPUs with AMX-TILE and AMX-BF16 (which `-march=native` then targets), the bf16
+products run on AMX tiles (`amx()`; `UNIMODAL_AMX=0` keeps them on the vector units);
+`build(emulate_amx=True)` runs that path on tiles emulated in software (`csrc/amx_emulated.h`), for
+testing it on other CPUs.
 
 `forward(q, k, v, out, groups)` and `backward(...)` take (B, H, L, D) tensors (fp32 or bf16, last axis
 contiguous, D a multiple of 32) and the query groups `takes` accepts. The forward can keep the
@@ -52,9 +55,16 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-def _build() -> ctypes.CDLL:
+def build(emulate_amx: bool = False, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """Compiles (once per source hash and flags) and loads the kernel; emulate_amx: with AMX tiles emulated
+    in software (the AVX-512 build only). extra_flags are passed to the compiler after the usual ones."""
     cxx = os.environ.get("CXX", "g++")
-    flags = FLAGS + ([] if NATIVE <= _cpu_flags() else ["-mno-avx512f"])
+    native = NATIVE <= _cpu_flags()
+    if emulate_amx and not native:
+        raise RuntimeError(f"the emulated AMX path needs the AVX-512 build: this CPU lacks "
+                           f"{sorted(NATIVE - _cpu_flags())}")
+    flags = FLAGS + ([] if native else ["-mno-avx512f"]) + (["-DUNIMODAL_AMX_EMULATE"] if emulate_amx else [])
+    flags += list(extra_flags)
     src = SOURCE.read_bytes() + b"".join(p.read_bytes() for p in sorted(SOURCE.parent.glob("*.h")))  # and its headers
     tag = hashlib.sha256(src + " ".join([cxx] + flags).encode()).hexdigest()[:16]
     out = cache_dir() / "kernels" / f"block_attention-{tag}.so"
@@ -76,6 +86,8 @@ def _build() -> ctypes.CDLL:
     lib.block_attention_forward.argtypes = [i, i, i, i, i, i, p, p, p, p, p, p, p, n, p, i, f, i]
     lib.block_attention_backward.argtypes = [i, i, i, i, i, p, p, p, p, p, p, p, p, n, p, p, p, i, p, i, f, i]
     lib.block_attention_forward.restype = lib.block_attention_backward.restype = i
+    lib.block_attention_amx.argtypes, lib.block_attention_amx.restype = [i], i
+    lib.amx = bool(lib.block_attention_amx(int(os.environ.get("UNIMODAL_AMX", "1") != "0")))
     return lib
 
 
@@ -90,7 +102,7 @@ def library() -> ctypes.CDLL | None:
             _state["error"] = "the CPU lacks AVX2 and FMA (and AVX-512 with BF16)"
         else:
             try:
-                _lib = _build()
+                _lib = build()
             except (OSError, RuntimeError) as e:
                 _state["error"] = f"could not build {SOURCE.name}: {e}"
                 warnings.warn(f"block attention kernel unavailable, using ATen's SDPA kernels ({_state['error']})")
@@ -99,6 +111,20 @@ def library() -> ctypes.CDLL | None:
 
 def available() -> bool:
     return library() is not None
+
+
+def amx() -> bool:
+    """Whether the kernel's bf16 products run on AMX tiles (the CPU has AMX-TILE and AMX-BF16, the OS grants
+    the tile state, and UNIMODAL_AMX is not 0)."""
+    lib = library()
+    return bool(lib is not None and lib.amx)
+
+
+def target() -> str:
+    """What the kernel runs on here: "AVX-512 + AMX tiles", "AVX-512", "AVX2" or "unavailable"."""
+    if not available():
+        return "unavailable"
+    return ("AVX-512" if NATIVE <= _cpu_flags() else "AVX2") + (" + AMX tiles" if amx() else "")
 
 
 def unavailable_reason() -> str | None:

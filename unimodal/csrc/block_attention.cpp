@@ -41,6 +41,17 @@
 #include "avx512_on_avx2.h"  // the same source on AVX2 + FMA: 512-bit vectors as pairs of 256-bit halves
 #define UNIMODAL_AVX2 1
 #endif
+// bf16 products on AMX tiles where the compiler targets AMX-TILE and AMX-BF16 (-march=native on such a CPU),
+// once block_attention_amx has found the CPU and the OS ready; or on tiles emulated in software (tests).
+#if !defined(UNIMODAL_AVX2) && defined(UNIMODAL_AMX_EMULATE)
+#include "amx_emulated.h"
+#define UNIMODAL_AMX 1
+#elif !defined(UNIMODAL_AVX2) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define UNIMODAL_AMX 1
+#endif
 
 namespace {
 
@@ -256,9 +267,21 @@ auto micro_table(std::integer_sequence<int, NVs...>) {
 
 // Column panels of 4 vectors (6 rows per micro-kernel call), then 3, 2 or 1 (8 rows); on AVX2, of 1 vector
 // (6 rows in fp32, 5 in bf16, whose A is widened first).
+#ifdef UNIMODAL_AMX
+bool amx_on = false;  // set by block_attention_amx, between calls
+void gemm_amx(int M, int N, int K, const bf16* A, int lda, const bf16* Bp, int ldb, float* C, int ldc, bool accumulate);
+#else
+constexpr bool amx_on = false;
+#endif
+
 template <typename T>
 void gemm(int M, int N, int K, const T* A, int lda, const T* Bp, int ldb, float* C, int ldc, bool accumulate,
           int ldk = KStep<T>::v) {
+#ifdef UNIMODAL_AMX
+  if constexpr (KStep<T>::v == 2)
+    if (amx_on && ldk == 2 && M % 16 == 0 && N % 16 == 0 && K >= 32)
+      return gemm_amx(M, N, K, A, lda, Bp, ldb, C, ldc, accumulate);
+#endif
   using TA = AType<T>;
   static const auto table = micro_table<TA, T>(std::make_integer_sequence<int, MAX_NV>{});
   const TA* a = reinterpret_cast<const TA*>(A);
@@ -281,6 +304,120 @@ void gemm(int M, int N, int K, const T* A, int lda, const T* Bp, int ldb, float*
     }
   }
 }
+
+// ---------------------------------------------------------------- AMX tiles
+// Every tile 16 rows of 64 bytes: C tiles 0-3 (16 x 16 fp32; a 32 x 32 block of C), A tiles 4-5 (16 rows x 32
+// bf16 along K), B tiles 6-7 (16 pairs of rows along K x 16 columns: the packed B layout as it is). A
+// worker loads the configuration before its first product of a call and releases the tiles at the end
+// of the call's parallel region (tiles_end), so that other code on the thread (oneDNN) finds them free.
+#ifdef UNIMODAL_AMX
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+static_assert(sizeof(TileConfig) == 64, "LDTILECFG reads 64 bytes");
+
+// GCC's _tile_loadconfig tells the compiler it reads 8 bytes of the configuration and its _tile_loadd that it
+// reads no memory at all: the configuration is passed as the 64-byte operand it is, and gemm_amx starts with
+// a compiler barrier, so that the stores of its operands are made before the tiles load them.
+#ifdef UNIMODAL_AMX_EMULATE
+inline void load_tile_config(const TileConfig& c) { _tile_loadconfig(&c); }
+#else
+inline void load_tile_config(const TileConfig& c) { __asm__ volatile("ldtilecfg %0" ::"m"(c)); }
+#endif
+
+thread_local bool tiles_on = false;
+inline void tiles_begin() {
+  if (tiles_on) return;
+  TileConfig cfg;
+  for (int t = 0; t < 8; t++) cfg.colsb[t] = 64, cfg.rows[t] = 16;
+  load_tile_config(cfg);
+  tiles_on = true;
+}
+inline void tiles_end() {
+  if (tiles_on) _tile_release();
+  tiles_on = false;
+}
+
+// C (MT 16 x NT 16, fp32, rows ldc apart) (+)= A (MT 16 x K, row-major bf16, rows lda apart) Bp (K x NT 16,
+// packed [K/2][ldb][2]); K a multiple of 32.
+template <int MT, int NT>
+void amx_block(int K, const bf16* A, int lda, const bf16* Bp, int ldb, float* C, int ldc, bool accumulate) {
+  const long sa = 2L * lda, sb = 4L * ldb, sc = 4L * ldc;  // row strides in bytes
+  float *C1 = C + 16, *C2 = C + 16L * ldc, *C3 = C2 + 16;
+  if (accumulate) {
+    _tile_loadd(0, C, sc);
+    if constexpr (NT == 2) _tile_loadd(1, C1, sc);
+    if constexpr (MT == 2) _tile_loadd(2, C2, sc);
+    if constexpr (MT == 2 && NT == 2) _tile_loadd(3, C3, sc);
+  } else {
+    _tile_zero(0);
+    if constexpr (NT == 2) _tile_zero(1);
+    if constexpr (MT == 2) _tile_zero(2);
+    if constexpr (MT == 2 && NT == 2) _tile_zero(3);
+  }
+  for (int k = 0; k < K; k += 32) {
+    const bf16* b = Bp + (size_t)(k / 2) * ldb * 2;
+    _tile_loadd(4, A + k, sa);
+    _tile_loadd(6, b, sb);
+    _tile_dpbf16ps(0, 4, 6);
+    if constexpr (NT == 2) {
+      _tile_loadd(7, b + 32, sb);
+      _tile_dpbf16ps(1, 4, 7);
+    }
+    if constexpr (MT == 2) {
+      _tile_loadd(5, A + 16L * lda + k, sa);
+      _tile_dpbf16ps(2, 5, 6);
+    }
+    if constexpr (MT == 2 && NT == 2) _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, C, sc);
+  if constexpr (NT == 2) _tile_stored(1, C1, sc);
+  if constexpr (MT == 2) _tile_stored(2, C2, sc);
+  if constexpr (MT == 2 && NT == 2) _tile_stored(3, C3, sc);
+}
+
+// gemm<bf16> on tiles: A row-major (pairs along K contiguous), M and N multiples of 16; blocks of 32 x 32
+// (16 at the edges) over the K that is a multiple of 32, the rest of K (16) through the vector micro-kernels.
+void gemm_amx(int M, int N, int K, const bf16* A, int lda, const bf16* Bp, int ldb, float* C, int ldc,
+              bool accumulate) {
+  const int K32 = K / 32 * 32;
+  __asm__ volatile("" ::: "memory");
+  if (K32 > 0) {
+    tiles_begin();
+    for (int m0 = 0; m0 < M; m0 += 32)
+      for (int n0 = 0; n0 < N; n0 += 32) {
+        const bf16 *a = A + (size_t)m0 * lda, *b = Bp + (size_t)n0 * 2;
+        float* c = C + (size_t)m0 * ldc + n0;
+        const bool two_m = M - m0 >= 32, two_n = N - n0 >= 32;
+        if (two_m && two_n) amx_block<2, 2>(K32, a, lda, b, ldb, c, ldc, accumulate);
+        else if (two_m) amx_block<2, 1>(K32, a, lda, b, ldb, c, ldc, accumulate);
+        else if (two_n) amx_block<1, 2>(K32, a, lda, b, ldb, c, ldc, accumulate);
+        else amx_block<1, 1>(K32, a, lda, b, ldb, c, ldc, accumulate);
+      }
+  }
+  if (K32 < K)
+    gemm<bf16>(M, N, K - K32, A + K32, lda, Bp + (size_t)K32 * ldb, ldb, C, ldc, K32 > 0 || accumulate);
+}
+
+// Whether this process can use the tiles: CPUID.(7, 0):EDX bits 22 (AMX-BF16) and 24 (AMX-TILE), and Linux's
+// permission for the tile data state (ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA = 18), asked for once.
+bool amx_usable() {
+#ifdef UNIMODAL_AMX_EMULATE
+  return true;
+#else
+  unsigned a, b, c, d;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !((d >> 22) & 1) || !((d >> 24) & 1)) return false;
+  constexpr long GET_PERM = 0x1022, REQ_PERM = 0x1023, XTILEDATA = 18;
+  if (syscall(SYS_arch_prctl, REQ_PERM, XTILEDATA) != 0) return false;
+  unsigned long granted = 0;
+  return syscall(SYS_arch_prctl, GET_PERM, &granted) == 0 && ((granted >> XTILEDATA) & 1);
+#endif
+}
+#else
+inline void tiles_end() {}
+#endif
 
 // ---------------------------------------------------------------- 16-bit word shuffles
 #ifndef UNIMODAL_AVX2
@@ -397,6 +534,37 @@ void pack_rows(const T* x, int64_t sl, int L, int D, T* out, const float* rs = n
   }
 }
 
+// out[c][r] = in[r][c] for 32-bit words: rows x cols (cols a multiple of 16), rows ins words apart in in and
+// outs words apart in out. On a pack_rows output (bf16 rows r, r+1 paired), the plain transpose (D x L,
+// element (d, r) at d 2 outs + r): the A operand of "x^T . (L x .)" on AMX tiles.
+inline void transpose_words(const int32_t* in, int rows, int cols, int64_t ins, int32_t* out, int64_t outs) {
+  const int r16 = rows / 16 * 16;
+  __m512i t[16];
+  for (int r = 0; r < r16; r += 16)
+    for (int c0 = 0; c0 < cols; c0 += 16) {
+      transpose16(in + r * ins + c0, ins, t);
+      for (int c = 0; c < 16; c++) _mm512_storeu_si512(out + (c0 + c) * outs + r, t[c]);
+    }
+  for (int r = r16; r < rows; r++)
+    for (int c = 0; c < cols; c++) out[c * outs + r] = in[r * ins + c];
+}
+
+// out (L x D, rows D apart) = scale src^T, src (D x L fp32, rows ld apart): gradients summed transposed.
+template <typename G>
+void write_transposed(const float* src, int ld, int L, int D, float scale, G* out) {
+  const int l16 = L / 16 * 16;
+  const __m512 sc = _mm512_set1_ps(scale);
+  __m512i t[16];
+  for (int l = 0; l < l16; l += 16)
+    for (int d0 = 0; d0 < D; d0 += 16) {
+      transpose16(reinterpret_cast<const int32_t*>(src + (size_t)d0 * ld + l), ld, t);
+      for (int j = 0; j < 16; j++)
+        store16(out + (size_t)(l + j) * D + d0, _mm512_mul_ps(_mm512_castsi512_ps(t[j]), sc));
+    }
+  for (int l = l16; l < L; l++)
+    for (int d = 0; d < D; d++) store1(out + (size_t)l * D + d, src[(size_t)d * ld + l] * scale);
+}
+
 struct Tensor4 {
   const char* p;
   int64_t sb, sh, sl;  // strides in elements
@@ -491,6 +659,7 @@ void parallel_for(int n, int nthreads, F&& f) {
   {
     const int worker = omp_get_thread_num();
     for (int i; (i = next.fetch_add(1)) < n;) f(i, worker);
+    tiles_end();
   }
 }
 
@@ -529,7 +698,7 @@ T* align64(T* p) { return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(p) +
 
 constexpr int MAX_THREADS = 256;
 struct Workspace {  // one per worker
-  Scratch<uint16_t> h[5], tiles_h;
+  Scratch<uint16_t> h[7], tiles_h;
   Scratch<float> f[5], grad[2], tiles;
   template <typename T>
   T* get(int i, size_t n) {
@@ -569,11 +738,13 @@ void for_key_tiles(const Group& g, F&& f) {
 }
 
 constexpr int QT_FWD = 24;  // even: the kept probabilities pair rows
+constexpr int QT_FWD_AMX = 32;  // bf16 on AMX tiles: 2 rows of tiles
 
 template <typename T>
 void forward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, float* lse, T* probs, int L, int Lk,
              const std::vector<Group>& groups, float scale, int nthreads) {
   const int G = groups.size(), KS = KStep<T>::v, Le = round_up(Lk, 2);
+  const int QT = KS == 2 && amx_on ? QT_FWD_AMX : QT_FWD;  // query rows per tile
   int64_t per_bh;
   const std::vector<int64_t> poff = probs_offsets(groups, KS, &per_bh);
   const int Lt = padded(Lk);
@@ -609,10 +780,10 @@ void forward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, fl
     const T* kt = &Kt[(size_t)bh * D * Lt];
     const T* vp = &Vp[(size_t)bh * Le * D];
     Workspace& ws = workspaces[worker];
-    T* P = ws.get<T>(2, (size_t)QT_FWD * ms);  // apart from S and O when T is float
-    float *S = ws.get<float>(0, (size_t)QT_FWD * ms), *O = ws.get<float>(1, (size_t)QT_FWD * D);
-    for (int r0 = g.q0; r0 < g.q1; r0 += QT_FWD) {
-      int nr = std::min(QT_FWD, g.q1 - r0), col = 0;
+    T* P = ws.get<T>(2, (size_t)QT * ms);  // apart from S and O when T is float
+    float *S = ws.get<float>(0, (size_t)QT * ms), *O = ws.get<float>(1, (size_t)QT * D);
+    for (int r0 = g.q0; r0 < g.q1; r0 += QT) {
+      int nr = std::min(QT, g.q1 - r0), col = 0;
       for (auto& r : g.ranges) {  // S (nr x m), the ranges side by side
         gemm<T>(nr, r.second - r.first, D, row_ptr<T>(q, b, h, r0), q.sl, kt + (size_t)r.first * KS, Lt, S + col,
                 ms, false);
@@ -623,7 +794,7 @@ void forward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, fl
       T* kept = probs ? probs + per_bh * bh + poff[gi] : nullptr;  // the group's block
       const float sl2 = scale * LOG2E;  // e^(scale (s - max)) = 2^(sl2 s - sl2 max)
       const __m512 sc = _mm512_set1_ps(sl2);
-      float rowsum[QT_FWD], rowmax[QT_FWD];
+      float rowsum[std::max(QT_FWD, QT_FWD_AMX)], rowmax[std::max(QT_FWD, QT_FWD_AMX)];
       if (KS == 2 && kept) {  // rows i, i + 1 together: the kept layout interleaves them
         for (int i = 0; i < nr; i += 2) {
           const float *s0 = &S[(size_t)i * ms], *s1 = s0 + ms;
@@ -725,6 +896,7 @@ void forward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, fl
       for (int i; (i = next[bh].fetch_add(1)) < G;) run(bh, order[i], worker);
     for (int bh = 0; bh < BH; bh++)  // then what is left of the others' (their smallest groups)
       for (int i; (i = next[bh].fetch_add(1)) < G;) run(bh, order[i], worker);
+    tiles_end();
   }
 }
 
@@ -855,14 +1027,25 @@ void backward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, T
     pack_rows<T>(rows_of<T>(q, b, h), q.sl, L, D, Qp);                    // B of dS^T Q: (L x D)
     pack_rows<T>(rows_of<T>(k, b, h), k.sl, L, D, Kp);                    // B of dS K: (L x D)
     if (!probs) pack_transposed<T>(rows_of<T>(k, b, h), k.sl, L, D, Kt, Lt);  // B of Q K^T: (D x L)
+    // bf16 on AMX tiles: dV^T += (dO / sum)^T P and dK^T += Q^T dS instead (A row-major, P and dS paired as
+    // kept: the B operands as they are), summed transposed (D x L)
+    const bool tiles = KS == 2 && amx_on;
+    T *dOt = nullptr, *Qt = nullptr;
+    if (tiles) {
+      dOt = ws.get<T>(5, (size_t)D * Lt), Qt = ws.get<T>(6, (size_t)D * Lt);
+      transpose_words(reinterpret_cast<const int32_t*>(dOp), Le / 2, D, D, reinterpret_cast<int32_t*>(dOt), Lt / 2);
+      transpose_words(reinterpret_cast<const int32_t*>(Qp), Le / 2, D, D, reinterpret_cast<int32_t*>(Qt), Lt / 2);
+    }
     const size_t tile = (size_t)QT_BWD * KT_BWD + 32;  // per tile: S, dP (fp32); P, dS row-major, dS paired
     // (each 128 bytes past a multiple of 4 KiB from the one before: no shared L1 sets)
     float *Sb = align64(ws.tiles.get(2 * tile + 16)), *dPb = Sb + tile;
     T *Pw = align64(reinterpret_cast<T*>(ws.tiles_h.get((3 * tile + 32) * sizeof(T) / 2))), *dSr = Pw + tile, *dSb = dSr + tile;
     std::vector<float> dQf((size_t)QT_BWD * D), delta, lse2, norm;
-    float *dKr = ws.grad[0].get((size_t)L * D), *dVr = ws.grad[1].get((size_t)L * D);  // fp32 sums over groups
-    std::memset(dKr, 0, sizeof(float) * L * D);  // the products add straight into them
-    std::memset(dVr, 0, sizeof(float) * L * D);
+    // fp32 sums over groups, L x D (or D x Lt on tiles); the products add straight into them
+    const size_t gsize = tiles ? (size_t)D * Lt : (size_t)L * D;
+    float *dKr = ws.grad[0].get(gsize), *dVr = ws.grad[1].get(gsize);
+    std::memset(dKr, 0, sizeof(float) * gsize);
+    std::memset(dVr, 0, sizeof(float) * gsize);
     for (int l = 0; l < L; l++)
       if (!is_query[l])
         for (int d = 0; d < D; d += 16) store16(dqb + (int64_t)l * D + d, zero);
@@ -907,7 +1090,7 @@ void backward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, T
             }
             bool fused = false;
             if constexpr (KStep<T>::v == 2) {
-              if (gprobs) {  // dP in registers, dS straight from it
+              if (gprobs && !tiles) {  // dP in registers, dS straight from it
                 gemm_ds(nr, nk, D, row_ptr<T>(dout, b, h, qa), dout.sl, Vt + (size_t)k0 * KS, Lt, Pb, &norm[r0],
                         &delta[r0], dSr, dSb, &ahead);
                 fused = true;
@@ -924,10 +1107,19 @@ void backward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, T
                 if constexpr (KStep<T>::v == 2) {
                   const __m512 l1 = _mm512_set1_ps(lse2[r0 + i + 1]), d1 = _mm512_set1_ps(delta[r0 + i + 1]);
                   const __m512 n1 = _mm512_set1_ps(norm[r0 + i + 1]);
-                  for (int c = 0; c < nk; c += 16) {  // recomputed P (kept bf16 tiles go through gemm_ds)
-                    const __m512 p0 = exp2_16<EXP_DEG<T>>(_mm512_fmsub_ps(_mm512_loadu_ps(&Sb[(size_t)i * nk + c]), sl2, l0));
-                    const __m512 p1 = exp2_16<EXP_DEG<T>>(_mm512_fmsub_ps(_mm512_loadu_ps(&Sb[(size_t)(i + 1) * nk + c]), sl2, l1));
-                    _mm512_storeu_si512(&Pw[(size_t)i * nk + 2 * c], interleave_bf16(p0, p1));
+                  const __m512i hi = _mm512_set1_epi32(int(0xffff0000u));
+                  for (int c = 0; c < nk; c += 16) {  // P kept (on tiles; else through gemm_ds) or recomputed
+                    __m512 p0, p1;
+                    if (gprobs) {
+                      ahead.step();
+                      const __m512i x = _mm512_loadu_si512(Pb + (size_t)i * nk + 2 * c);  // rows i, i + 1 paired
+                      p0 = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+                      p1 = _mm512_castsi512_ps(_mm512_and_si512(x, hi));
+                    } else {
+                      p0 = exp2_16<EXP_DEG<T>>(_mm512_fmsub_ps(_mm512_loadu_ps(&Sb[(size_t)i * nk + c]), sl2, l0));
+                      p1 = exp2_16<EXP_DEG<T>>(_mm512_fmsub_ps(_mm512_loadu_ps(&Sb[(size_t)(i + 1) * nk + c]), sl2, l1));
+                      _mm512_storeu_si512(&Pw[(size_t)i * nk + 2 * c], interleave_bf16(p0, p1));
+                    }
                     __m512 s0 = _mm512_mul_ps(p0, _mm512_fmsub_ps(_mm512_loadu_ps(&dPb[(size_t)i * nk + c]), n0, d0));
                     __m512 s1 = _mm512_mul_ps(p1, _mm512_fmsub_ps(_mm512_loadu_ps(&dPb[(size_t)(i + 1) * nk + c]), n1, d1));
                     const __m512i x = (__m512i)_mm512_cvtne2ps_pbh(s1, s0);  // row i's 16, then row i + 1's
@@ -954,8 +1146,13 @@ void backward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, T
             ahead.rest();
             // P and dS transposed as A operands: key row kk at kk KS, query pairs (bf16) or queries KS nk apart
             const T* dsb = KStep<T>::v == 2 ? dSb : dSr;  // fp32: row-major (queries x keys)
-            gemm<T>(nk, D, nr, Pb, KS, dOp + (size_t)qa * D, D, dVr + (size_t)k0 * D, D, true, KS * nk);  // dV += P^T dO
-            gemm<T>(nk, D, nr, dsb, KS, Qp + (size_t)qa * D, D, dKr + (size_t)k0 * D, D, true, KS * nk);  // dK += dS^T Q
+            if (tiles) {  // dV^T += dO^T P, dK^T += Q^T dS; else dV += P^T dO, dK += dS^T Q
+              gemm<T>(D, nk, nr, dOt + qa, Lt, Pb, nk, dVr + k0, Lt, true);
+              gemm<T>(D, nk, nr, Qt + qa, Lt, dsb, nk, dKr + k0, Lt, true);
+            } else {
+              gemm<T>(nk, D, nr, Pb, KS, dOp + (size_t)qa * D, D, dVr + (size_t)k0 * D, D, true, KS * nk);  // dV
+              gemm<T>(nk, D, nr, dsb, KS, Qp + (size_t)qa * D, D, dKr + (size_t)k0 * D, D, true, KS * nk);  // dK
+            }
             gemm<T>(nr, D, nk, dSr, nk, Kp + (size_t)k0 * D, D, dQa, D, !first);  // dQ += dS K
             first = false;
           }
@@ -967,9 +1164,14 @@ void backward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, T
       }
     }
     // dK (times the scale), dV rows -> dk, dv
-    for (size_t i = 0; i < (size_t)L * D; i += 16) {
-      store16(dkb + i, _mm512_mul_ps(_mm512_loadu_ps(dKr + i), sc));
-      store16(dvb + i, _mm512_loadu_ps(dVr + i));
+    if (tiles) {
+      write_transposed(dKr, Lt, L, D, scale, dkb);
+      write_transposed(dVr, Lt, L, D, 1.f, dvb);
+    } else {
+      for (size_t i = 0; i < (size_t)L * D; i += 16) {
+        store16(dkb + i, _mm512_mul_ps(_mm512_loadu_ps(dKr + i), sc));
+        store16(dvb + i, _mm512_loadu_ps(dVr + i));
+      }
     }
   });
 }
@@ -977,6 +1179,20 @@ void backward(int B, int H, int D, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 o, T
 Tensor4 t4(const void* p, const int64_t* s) { return Tensor4{static_cast<const char*>(p), s[0], s[1], s[2]}; }
 
 }  // namespace
+
+// want 1: run the bf16 products on AMX tiles from the next call on, where the build targets AMX and the
+// CPU and OS allow it (amx_usable); want 0: on the vector units. Returns 1 when the tiles are in use.
+extern "C" int block_attention_amx(int want) {
+#ifdef UNIMODAL_AMX
+  std::lock_guard<std::mutex> hold(call_lock);
+  static const bool usable = amx_usable();
+  amx_on = want && usable;
+  return amx_on;
+#else
+  (void)want;
+  return 0;
+#endif
+}
 
 // dtype: 0 fp32, 1 bf16. strides: 4 per tensor (batch, head, position, last), in elements, for q, k, v, o
 // (and dout). groups: per group q0, q1, number of ranges, then (start, end) per range. probs: null, or
