@@ -318,7 +318,23 @@ def test_amx_is_used_exactly_where_the_cpu_has_it():
     try:
         assert lib.block_attention_amx(0) == 0  # switched off: the vector path
     finally:
-        assert lib.block_attention_amx(int(want)) == int(has and want)
+        assert (lib.block_attention_amx(int(want)) == 1) == (has and want)
+
+
+def test_tiles_that_fault_leave_the_kernel_on_the_vector_units(monkeypatch):
+    """The tiles are used only after a product on them has matched the vector units' on this machine: where
+    the tile product faults (SIGILL, here from the emulation), the kernel reports it (-4) and computes on the
+    vector units."""
+    if not block_kernel.NATIVE <= block_kernel._cpu_flags():
+        pytest.skip("the AMX path is part of the AVX-512 build, which this CPU cannot run")
+    lib = block_kernel.build(emulate_amx=True, extra_flags=("-DUNIMODAL_AMX_EMULATE_FAULT",))
+    assert not lib.amx and lib.block_attention_amx(1) == -4
+    lay = pack(LAYOUTS["4x48"], PackSpec()).layout
+    q, k, v = (t.detach() for t in qkv(1, 2, lay.shape[1], 64, torch.bfloat16, seed=3))
+    out = torch.empty_like(q)
+    monkeypatch.setattr(block_kernel, "_lib", lib)
+    block_kernel.forward(q, k, v, out, masks.query_groups(lay.row(0)))
+    torch.testing.assert_close(out.double(), naive(q, k, v, masks.dense_mask(lay)[:, None]), **TOL[torch.bfloat16])
 
 
 def test_amx_build_compiles_to_tile_instructions_and_falls_back_without_them(monkeypatch):

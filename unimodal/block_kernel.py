@@ -36,6 +36,10 @@ from .assets import cache_dir
 SOURCE = Path(__file__).resolve().parent / "csrc" / "block_attention.cpp"
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp"]
 NATIVE = {"avx512f", "avx512bw", "avx512_bf16"}  # the CPU flags of the AVX-512 build; else AVX2 + FMA
+AMX = {"amx_tile", "amx_bf16"}  # where -march=native targets AMX too
+_AMX_REFUSED = {-1: "the compiler did not target AMX", -2: "CPUID reports no AMX-TILE and AMX-BF16",
+                -3: "the OS refused the tile data state (Linux 5.16 or newer grants it)",
+                -4: "a product on the tiles did not match the vector units' (or faulted)"}
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 ALIGN = 16  # query counts and key range lengths the packed layouts take: multiples of this
 FORWARD_EVENT, BACKWARD_EVENT = "unimodal::block_attention_forward", "unimodal::block_attention_backward"
@@ -87,7 +91,11 @@ def build(emulate_amx: bool = False, extra_flags: tuple[str, ...] = ()) -> ctype
     lib.block_attention_backward.argtypes = [i, i, i, i, i, p, p, p, p, p, p, p, p, n, p, p, p, i, p, i, f, i]
     lib.block_attention_forward.restype = lib.block_attention_backward.restype = i
     lib.block_attention_amx.argtypes, lib.block_attention_amx.restype = [i], i
-    lib.amx = bool(lib.block_attention_amx(int(os.environ.get("UNIMODAL_AMX", "1") != "0")))
+    rc = lib.block_attention_amx(int(os.environ.get("UNIMODAL_AMX", "1") != "0"))
+    lib.amx = rc == 1
+    if rc < 0 and AMX <= _cpu_flags() and not emulate_amx:
+        warnings.warn(f"block attention kernel: bf16 products on the vector units, not on this CPU's AMX tiles: "
+                      f"{_AMX_REFUSED[rc]}")
     return lib
 
 

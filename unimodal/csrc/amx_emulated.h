@@ -10,11 +10,13 @@
 //   m < rows[c], n < colsb[c] / 4, k < colsb[a] / 4, with rows[a] = rows[c], rows[b] = colsb[a] / 4 and
 //   colsb[b] = colsb[c] (the SDM's #UD conditions).
 // Any other use (a tile instruction while unconfigured, shapes that disagree, a tile number past 7) aborts
-// with a message: what the hardware would fault on, the emulation refuses loudly.
+// with a message: what the hardware would fault on, the emulation refuses loudly. With
+// UNIMODAL_AMX_EMULATE_FAULT, TDPBF16PS raises SIGILL, as on a CPU without it.
 #pragma once
 
 #include <immintrin.h>
 
+#include <csignal>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -82,6 +84,9 @@ inline void store(int t, void* base, long stride) {
 }
 
 inline void dpbf16ps(int c, int a, int b) {
+#ifdef UNIMODAL_AMX_EMULATE_FAULT
+  std::raise(SIGILL);
+#endif
   need(c), need(a), need(b);
   if (c == a || c == b || a == b) fault("TDPBF16PS operands must be distinct tiles", c);
   const int M = st.rows[c], N = st.colsb[c] / 4, K2 = st.colsb[a] / 4;

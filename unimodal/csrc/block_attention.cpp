@@ -52,6 +52,10 @@
 #include <unistd.h>
 #define UNIMODAL_AMX 1
 #endif
+#ifdef UNIMODAL_AMX
+#include <csetjmp>
+#include <csignal>
+#endif
 
 namespace {
 
@@ -401,19 +405,56 @@ void gemm_amx(int M, int N, int K, const bf16* A, int lda, const bf16* Bp, int l
     gemm<bf16>(M, N, K - K32, A + K32, lda, Bp + (size_t)K32 * ldb, ldb, C, ldc, K32 > 0 || accumulate);
 }
 
-// Whether this process can use the tiles: CPUID.(7, 0):EDX bits 22 (AMX-BF16) and 24 (AMX-TILE), and Linux's
-// permission for the tile data state (ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA = 18), asked for once.
-bool amx_usable() {
+// Whether this process may use the tiles: 1, or -2 (CPUID.(7, 0):EDX lacks bit 22, AMX-BF16, or 24, AMX-TILE)
+// or -3 (Linux refuses the tile data state: ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA = 18).
+int amx_permitted() {
 #ifdef UNIMODAL_AMX_EMULATE
-  return true;
+  return 1;
 #else
   unsigned a, b, c, d;
-  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !((d >> 22) & 1) || !((d >> 24) & 1)) return false;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !((d >> 22) & 1) || !((d >> 24) & 1)) return -2;
   constexpr long GET_PERM = 0x1022, REQ_PERM = 0x1023, XTILEDATA = 18;
-  if (syscall(SYS_arch_prctl, REQ_PERM, XTILEDATA) != 0) return false;
+  if (syscall(SYS_arch_prctl, REQ_PERM, XTILEDATA) != 0) return -3;
   unsigned long granted = 0;
-  return syscall(SYS_arch_prctl, GET_PERM, &granted) == 0 && ((granted >> XTILEDATA) & 1);
+  return syscall(SYS_arch_prctl, GET_PERM, &granted) == 0 && ((granted >> XTILEDATA) & 1) ? 1 : -3;
 #endif
+}
+
+sigjmp_buf probe_exit;
+void probe_fault(int) { siglongjmp(probe_exit, 1); }
+
+// Whether products on the tiles equal the vector units' on this machine (operands multiples of 1/8 in
+// [-1, 1], so that both sums are exact): M, N and K with edges and a rest of K, fresh and accumulated. A
+// fault during it (SIGILL, SIGSEGV, SIGBUS) counts as no: the tiles are used only once they have worked here.
+bool amx_works() {
+  constexpr int M = 48, N = 48, K = 80, lda = 88, ldb = 64, ldc = 56;
+  std::vector<bf16> A((size_t)M * lda), Bp((size_t)K * ldb);
+  auto eighths = [](int i) {  // (i mod 17 - 8) / 8 in bf16
+    const float x = float(i % 17 - 8) / 8.f;
+    uint32_t u;
+    std::memcpy(&u, &x, 4);
+    return bf16(u >> 16);
+  };
+  for (size_t i = 0; i < A.size(); i++) A[i] = eighths(int(7 * i + 3));
+  for (size_t i = 0; i < Bp.size(); i++) Bp[i] = eighths(int(5 * i + 1));
+  std::vector<float> want((size_t)M * ldc, 0.f), got((size_t)M * ldc, 0.f);
+  gemm<bf16>(M, N, K, A.data(), lda, Bp.data(), ldb, want.data(), ldc, false);  // amx_on is false: vectors
+  struct sigaction on_fault {}, old[3];
+  on_fault.sa_handler = probe_fault;
+  sigemptyset(&on_fault.sa_mask);
+  const int sigs[3] = {SIGILL, SIGSEGV, SIGBUS};
+  for (int i = 0; i < 3; i++) sigaction(sigs[i], &on_fault, &old[i]);
+  bool same = false;
+  if (sigsetjmp(probe_exit, 1) == 0) {
+    gemm_amx(M, N, K, A.data(), lda, Bp.data(), ldb, got.data(), ldc, false);
+    same = got == want;
+    gemm_amx(M, N, K, A.data(), lda, Bp.data(), ldb, got.data(), ldc, true);  // accumulated: twice the sums
+    for (size_t i = 0; i < want.size(); i++) same = same && got[i] == 2 * want[i];
+    tiles_end();
+  }
+  tiles_on = false;
+  for (int i = 0; i < 3; i++) sigaction(sigs[i], &old[i], nullptr);
+  return same;
 }
 #else
 inline void tiles_end() {}
@@ -1180,17 +1221,22 @@ Tensor4 t4(const void* p, const int64_t* s) { return Tensor4{static_cast<const c
 
 }  // namespace
 
-// want 1: run the bf16 products on AMX tiles from the next call on, where the build targets AMX and the
-// CPU and OS allow it (amx_usable); want 0: on the vector units. Returns 1 when the tiles are in use.
+// want 1: run the bf16 products on AMX tiles from the next call on, where the build targets AMX, the CPU and
+// OS allow it and a product on the tiles has matched the vector units' (checked once); want 0: on the vector
+// units. Returns 1 when the tiles are in use, else why not: 0 (want 0), -1 (a build without AMX: the compiler
+// did not target it), -2 (the CPU has no AMX-TILE and AMX-BF16), -3 (the OS refused the tile state),
+// -4 (the check on the tiles failed or faulted).
 extern "C" int block_attention_amx(int want) {
 #ifdef UNIMODAL_AMX
   std::lock_guard<std::mutex> hold(call_lock);
-  static const bool usable = amx_usable();
-  amx_on = want && usable;
-  return amx_on;
+  static const int usable = [] {
+    const int rc = amx_permitted();
+    return rc < 0 ? rc : amx_works() ? 1 : -4;
+  }();
+  amx_on = want && usable == 1;
+  return want ? usable : 0;
 #else
-  (void)want;
-  return 0;
+  return want ? -1 : 0;
 #endif
 }
 
