@@ -444,13 +444,14 @@ bool amx_works() {
   sigemptyset(&on_fault.sa_mask);
   const int sigs[3] = {SIGILL, SIGSEGV, SIGBUS};
   for (int i = 0; i < 3; i++) sigaction(sigs[i], &on_fault, &old[i]);
-  bool same = false;
+  volatile bool same = false;  // volatile: set between sigsetjmp and a possible siglongjmp
   if (sigsetjmp(probe_exit, 1) == 0) {
     gemm_amx(M, N, K, A.data(), lda, Bp.data(), ldb, got.data(), ldc, false);
-    same = got == want;
+    bool ok = got == want;
     gemm_amx(M, N, K, A.data(), lda, Bp.data(), ldb, got.data(), ldc, true);  // accumulated: twice the sums
-    for (size_t i = 0; i < want.size(); i++) same = same && got[i] == 2 * want[i];
+    for (size_t i = 0; i < want.size(); i++) ok = ok && got[i] == 2 * want[i];
     tiles_end();
+    same = ok;
   }
   tiles_on = false;
   for (int i = 0; i < 3; i++) sigaction(sigs[i], &old[i], nullptr);
