@@ -10,8 +10,8 @@
 // (S = Q K^T, P = exp(scale S - lse)), dS = P (dP - delta); dV += P^T dO, dK += dS^T Q, dQ += dS K,
 // accumulated in fp32 (dK and dQ times the scale when written out).
 // bf16 operands go through vdpbf16ps (pairs of bf16 along the reduction axis, fp32 sums; on AVX2, fp32 FMAs
-// on the pairs' exact fp32 values); P and dS are rounded to the operands' dtype for their products, as GPU
-// flash attention does.
+// on the pairs' exact fp32 values), or through AMX tiles (tdpbf16ps, the same pairs) where the CPU has them;
+// P and dS are rounded to the operands' dtype for their products, as GPU flash attention does.
 //
 // Called through ctypes (plain C ABI, raw pointers); tensors are (B, H, L, D) with any strides along
 // B, H, L and the last axis contiguous (the forward's keys and values may be longer or shorter than its
