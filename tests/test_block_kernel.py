@@ -327,7 +327,14 @@ def test_tiles_that_fault_leave_the_kernel_on_the_vector_units(monkeypatch):
     vector units."""
     if not block_kernel.NATIVE <= block_kernel._cpu_flags():
         pytest.skip("the AMX path is part of the AVX-512 build, which this CPU cannot run")
-    lib = block_kernel.build(emulate_amx=True, extra_flags=("-DUNIMODAL_AMX_EMULATE_FAULT",))
+    tiny = torch.tensor(1e-38)
+    torch.set_flush_denormal(True)  # the thread's MXCSR: the jump out of the fault must not reset it
+    try:
+        lib = block_kernel.build(emulate_amx=True, extra_flags=("-DUNIMODAL_AMX_EMULATE_FAULT",))
+        assert (tiny * 0.01).item() == 0.0, "flush-to-zero lost across the caught fault"
+    finally:
+        torch.set_flush_denormal(False)
+    assert (tiny * 0.01).item() != 0.0
     assert not lib.amx and lib.block_attention_amx(1) == -4
     lay = pack(LAYOUTS["4x48"], PackSpec()).layout
     q, k, v = (t.detach() for t in qkv(1, 2, lay.shape[1], 64, torch.bfloat16, seed=3))

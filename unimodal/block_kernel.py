@@ -38,7 +38,8 @@ FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp"]
 NATIVE = {"avx512f", "avx512bw", "avx512_bf16"}  # the CPU flags of the AVX-512 build; else AVX2 + FMA
 AMX = {"amx_tile", "amx_bf16"}  # where -march=native targets AMX too
 _AMX_REFUSED = {-1: "the compiler did not target AMX", -2: "CPUID reports no AMX-TILE and AMX-BF16",
-                -3: "the OS refused the tile data state (Linux 5.16 or newer grants it)",
+                -3: "the OS refused the tile data state (Linux grants it from 5.16 on, unless a thread's "
+                    "sigaltstack is too small for AMX's signal frame)",
                 -4: "a product on the tiles did not match the vector units' (or faulted)"}
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 ALIGN = 16  # query counts and key range lengths the packed layouts take: multiples of this

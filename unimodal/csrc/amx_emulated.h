@@ -2,13 +2,16 @@
 // with -DUNIMODAL_AMX_EMULATE for its tests). The six instructions the kernel uses, as the Intel SDM
 // (vol. 2, "TILELOADD" ... "TDPBF16PS") defines them, per thread:
 // - LDTILECFG reads the 64-byte configuration: palette (byte 0, must be 1), start row (byte 1, must be 0),
-//   bytes 2-15 zero, then colsb[16] (uint16, bytes 16-47) and rows[16] (uint8, bytes 48-63); it zeroes
-//   every tile. TILERELEASE returns to the unconfigured state.
+//   bytes 2-15 zero, then colsb[16] (uint16, bytes 16-47) and rows[16] (uint8, bytes 48-63), zero for
+//   tiles 8-15 (palette 1 has 8), rows and colsb of a tile both zero or both not; it zeroes every tile.
+//   TILERELEASE returns to the unconfigured state.
 // - TILELOADD t, [base + stride]: rows[t] rows of colsb[t] bytes, row r from base + r stride; the rest of
 //   the tile zero. TILESTORED writes the same rows and bytes back. TILEZERO zeroes the tile.
 // - TDPBF16PS c, a, b: c.fp32[m][n] += a.bf16[m][2k] b.bf16[k][2n] + a.bf16[m][2k+1] b.bf16[k][2n+1] for
 //   m < rows[c], n < colsb[c] / 4, k < colsb[a] / 4, with rows[a] = rows[c], rows[b] = colsb[a] / 4 and
-//   colsb[b] = colsb[c] (the SDM's #UD conditions).
+//   colsb[b] = colsb[c] (the SDM's #UD conditions). Summed in fp32 in this order; the hardware's order of
+//   summation and its flushing of denormals differ, so the emulation checks indexing and layouts, not the
+//   hardware's rounding.
 // Any other use (a tile instruction while unconfigured, shapes that disagree, a tile number past 7) aborts
 // with a message: what the hardware would fault on, the emulation refuses loudly. With
 // UNIMODAL_AMX_EMULATE_FAULT, TDPBF16PS raises SIGILL, as on a CPU without it.
@@ -55,10 +58,15 @@ inline void loadconfig(const void* cfg) {
   if (b[0] != 1 || b[1] != 0) fault("palette must be 1 and start row 0", -1);
   for (int i = 2; i < 16; i++)
     if (b[i]) fault("reserved configuration bytes must be zero", -1);
+  for (int i = 32; i < 48; i++)
+    if (b[i]) fault("colsb of tiles 8-15 must be zero (palette 1)", (i - 16) / 2);
+  for (int i = 56; i < 64; i++)
+    if (b[i]) fault("rows of tiles 8-15 must be zero (palette 1)", i - 48);
   for (int t = 0; t < 8; t++) {
     std::memcpy(&st.colsb[t], b + 16 + 2 * t, 2);
     st.rows[t] = b[48 + t];
     if (st.rows[t] > 16 || st.colsb[t] > 64 || st.colsb[t] % 4) fault("tile shape beyond palette 1", t);
+    if ((st.rows[t] == 0) != (st.colsb[t] == 0)) fault("rows and colsb must be both zero or both not", t);
   }
   std::memset(st.tile, 0, sizeof st.tile);
   st.configured = true;

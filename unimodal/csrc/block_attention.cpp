@@ -48,13 +48,14 @@
 #define UNIMODAL_AMX 1
 #elif !defined(UNIMODAL_AVX2) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
 #include <cpuid.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 #define UNIMODAL_AMX 1
 #endif
 #ifdef UNIMODAL_AMX
+#include <cfenv>
 #include <csetjmp>
 #include <csignal>
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 namespace {
@@ -421,11 +422,22 @@ int amx_permitted() {
 }
 
 sigjmp_buf probe_exit;
-void probe_fault(int) { siglongjmp(probe_exit, 1); }
+constexpr int PROBE_SIGNALS[3] = {SIGILL, SIGSEGV, SIGBUS};
+struct sigaction probe_saved[3];  // the handlers before the check
+pid_t probe_thread = 0;
+// A fault on the checking thread jumps back to the check; on any other thread (a fault of its own, during
+// the check's short window), the handler from before is put back and the instruction runs again into it.
+void probe_fault(int sig) {
+  if (pid_t(syscall(SYS_gettid)) == probe_thread) siglongjmp(probe_exit, 1);
+  for (int i = 0; i < 3; i++)
+    if (PROBE_SIGNALS[i] == sig) sigaction(sig, &probe_saved[i], nullptr);
+}
 
 // Whether products on the tiles equal the vector units' on this machine (operands multiples of 1/8 in
 // [-1, 1], so that both sums are exact): M, N and K with edges and a rest of K, fresh and accumulated. A
 // fault during it (SIGILL, SIGSEGV, SIGBUS) counts as no: the tiles are used only once they have worked here.
+// The jump back skips the kernel's restoring of the thread's floating-point state on return from a signal
+// handler: MXCSR (flush-to-zero, rounding) and the x87 environment are saved and put back here.
 bool amx_works() {
   constexpr int M = 48, N = 48, K = 80, lda = 88, ldb = 64, ldc = 56;
   std::vector<bf16> A((size_t)M * lda), Bp((size_t)K * ldb);
@@ -439,11 +451,14 @@ bool amx_works() {
   for (size_t i = 0; i < Bp.size(); i++) Bp[i] = eighths(int(5 * i + 1));
   std::vector<float> want((size_t)M * ldc, 0.f), got((size_t)M * ldc, 0.f);
   gemm<bf16>(M, N, K, A.data(), lda, Bp.data(), ldb, want.data(), ldc, false);  // amx_on is false: vectors
-  struct sigaction on_fault {}, old[3];
+  struct sigaction on_fault {};
   on_fault.sa_handler = probe_fault;
   sigemptyset(&on_fault.sa_mask);
-  const int sigs[3] = {SIGILL, SIGSEGV, SIGBUS};
-  for (int i = 0; i < 3; i++) sigaction(sigs[i], &on_fault, &old[i]);
+  probe_thread = pid_t(syscall(SYS_gettid));
+  const unsigned csr = _mm_getcsr();
+  fenv_t env;
+  fegetenv(&env);
+  for (int i = 0; i < 3; i++) sigaction(PROBE_SIGNALS[i], &on_fault, &probe_saved[i]);
   volatile bool same = false;  // volatile: set between sigsetjmp and a possible siglongjmp
   if (sigsetjmp(probe_exit, 1) == 0) {
     gemm_amx(M, N, K, A.data(), lda, Bp.data(), ldb, got.data(), ldc, false);
@@ -454,7 +469,9 @@ bool amx_works() {
     same = ok;
   }
   tiles_on = false;
-  for (int i = 0; i < 3; i++) sigaction(sigs[i], &old[i], nullptr);
+  for (int i = 0; i < 3; i++) sigaction(PROBE_SIGNALS[i], &probe_saved[i], nullptr);
+  fesetenv(&env);
+  _mm_setcsr(csr);
   return same;
 }
 #else
@@ -741,7 +758,7 @@ T* align64(T* p) { return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(p) +
 constexpr int MAX_THREADS = 256;
 struct Workspace {  // one per worker
   Scratch<uint16_t> h[7], tiles_h;
-  Scratch<float> f[5], grad[2], tiles;
+  Scratch<float> f[7], grad[2], tiles;
   template <typename T>
   T* get(int i, size_t n) {
     if constexpr (sizeof(T) == 2) return reinterpret_cast<T*>(h[i].get(n));
@@ -1230,12 +1247,16 @@ Tensor4 t4(const void* p, const int64_t* s) { return Tensor4{static_cast<const c
 extern "C" int block_attention_amx(int want) {
 #ifdef UNIMODAL_AMX
   std::lock_guard<std::mutex> hold(call_lock);
+  if (!want) {  // neither the permission (process-wide, for good) nor the check is asked for
+    amx_on = false;
+    return 0;
+  }
   static const int usable = [] {
     const int rc = amx_permitted();
     return rc < 0 ? rc : amx_works() ? 1 : -4;
   }();
-  amx_on = want && usable == 1;
-  return want ? usable : 0;
+  amx_on = usable == 1;
+  return usable;
 #else
   return want ? -1 : 0;
 #endif
