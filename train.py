@@ -35,6 +35,7 @@ from transformers.optimization import get_wsd_schedule
 from tasks import build_task
 from unimodal import checkpoint as ckpt
 from unimodal.config import TrainConfig, load_config, native_bf16, replace_strict, resolve_precision
+from unimodal.host import keep_freed_memory
 
 
 class NonFiniteLoss(RuntimeError):
@@ -286,6 +287,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quiet", action="store_true", help="no progress bar or prints")
     args = ap.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
+    keep_freed_memory()
     try:
         train(cfg, resume=args.resume, quiet=args.quiet)
     except NonFiniteLoss as e:

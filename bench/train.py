@@ -37,6 +37,7 @@ from report import NAMES, Peak, interleaved, yardstick, out, time_split, write_r
 from unimodal import masks  # noqa: E402
 from unimodal.config import PRECISIONS, ModelConfig, resolve_precision  # noqa: E402
 from unimodal.diffusion import LossConfig, train_scheduler, training_loss  # noqa: E402
+from unimodal.host import keep_freed_memory  # noqa: E402
 from unimodal.model import ACDiT  # noqa: E402
 from unimodal.sequence import Image, PackSpec, Sample, pack  # noqa: E402
 
@@ -97,9 +98,11 @@ def main() -> None:
     ap.add_argument("--skip-b", action="store_true")
     ap.add_argument("--readme", action="store_true", help="write this run's output into README.md's results")
     args = ap.parse_args()
+    heap = keep_freed_memory()  # as train.py does
     args.precision = resolve_precision(args.precision, "cpu")
     work = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    out(f"torch {torch.__version__}, {torch.get_num_threads()} threads; training in {args.precision}; each timed "
+    out(f"torch {torch.__version__}, {torch.get_num_threads()} threads; training in {args.precision}; malloc "
+        f"{'keeps freed memory (unimodal.host, as train.py)' if heap else 'as it is'}; each timed "
         f"step is preceded by a 2048^3 {NAMES[yardstick(work)]} matmul window as long as the step (the matmul throughput of "
         f"this machine drifts from second to second), so each row's achieved FLOP/s and matmul peak come from the same "
         f"stretch of time")
