@@ -270,8 +270,6 @@ auto micro_table(std::integer_sequence<int, NVs...>) {
       {{micro_row<TA, TB, NVs + 1, false>(Seq{})...}, {micro_row<TA, TB, NVs + 1, true>(Seq{})...}}};
 }
 
-// Column panels of 4 vectors (6 rows per micro-kernel call), then 3, 2 or 1 (8 rows); on AVX2, of 1 vector
-// (6 rows in fp32, 5 in bf16, whose A is widened first).
 #ifdef UNIMODAL_AMX
 bool amx_on = false;  // set by block_attention_amx, between calls
 void gemm_amx(int M, int N, int K, const bf16* A, int lda, const bf16* Bp, int ldb, float* C, int ldc, bool accumulate);
@@ -279,6 +277,8 @@ void gemm_amx(int M, int N, int K, const bf16* A, int lda, const bf16* Bp, int l
 constexpr bool amx_on = false;
 #endif
 
+// Column panels of 4 vectors (6 rows per micro-kernel call), then 3, 2 or 1 (8 rows); on AVX2, of 1 vector
+// (6 rows in fp32, 5 in bf16, whose A is widened first); bf16 with A row-major on AMX tiles where they run.
 template <typename T>
 void gemm(int M, int N, int K, const T* A, int lda, const T* Bp, int ldb, float* C, int ldc, bool accumulate,
           int ldk = KStep<T>::v) {
