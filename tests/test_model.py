@@ -220,6 +220,23 @@ def test_min_snr_loss_equals_a_per_block_loop(gamma):
         assert abs(float(parts["image"]) - float(F.mse_loss(eps_hat[packed.noisy.bool()], d.eps[packed.noisy.bool()]))) > 1e-4
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_compiled_gelu_is_torchs_tanh_gelu(dtype):
+    """Under torch.compile the MLP's GELU takes the sigmoid form of the tanh approximation: the values and
+    gradients of F.gelu(approximate="tanh") in fp64, up to the dtype's rounding, over the range activations
+    take."""
+    from unimodal.model import gelu
+    x = torch.linspace(-12, 12, 4099).to(dtype).requires_grad_()
+    g = torch.randn(4099, generator=torch.Generator().manual_seed(0)).to(dtype)
+    got = torch.compile(lambda t: gelu(t, "tanh"), dynamic=False)(x)
+    x64 = x.detach().double().requires_grad_()
+    ref = F.gelu(x64, approximate="tanh")
+    tol = dict(atol=2e-6, rtol=1e-6) if dtype == torch.float32 else dict(atol=1e-2, rtol=8e-3)
+    torch.testing.assert_close(got.double(), ref, **tol)
+    torch.testing.assert_close(torch.autograd.grad(got, x, g)[0].double(),
+                               torch.autograd.grad(ref, x64, g.double())[0], **{**tol, "atol": 5 * tol["atol"]})
+
+
 @pytest.mark.parametrize("backend", ["sdpa", "block"])
 def test_compiled_block_regions_match_eager(backend):
     """model.compile=True (Inductor-fused norms, modulation, RoPE, MLP) computes the eager

@@ -53,7 +53,17 @@ class Mlp(nn.Module):
         self.approximate = {"gelu_tanh": "tanh", "gelu": "none"}[act]
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate=self.approximate))
+        return self.fc2(gelu(self.fc1(x), self.approximate))
+
+
+def gelu(x: Tensor, approximate: str) -> Tensor:
+    """F.gelu; under torch.compile its tanh form as x sigmoid(2u) (the same function: (1 + tanh u) / 2 =
+    sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3)), which Inductor computes with one exp where its tanh is
+    Sleef's 1-ULP one: forward + backward on (4096, 3072) bf16 2.2x faster on a Zen 4, outputs within
+    bf16 rounding."""
+    if approximate == "tanh" and torch.compiler.is_compiling():
+        return x * torch.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))  # 2 sqrt(2/pi) = 1.5957...
+    return F.gelu(x, approximate=approximate)
 
 
 class Modulation:
