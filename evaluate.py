@@ -24,7 +24,6 @@ from tqdm import tqdm
 
 from unimodal import checkpoint as ckpt
 from unimodal.config import apply_overrides, replace_strict, resolve_precision
-from unimodal.host import keep_freed_memory
 
 
 def evaluate_run(path: str | Path, out: str | Path | None = None, ema: bool = True, quick: bool = False,
@@ -111,7 +110,6 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--vae", default=None, help="local diffusers AutoencoderKL directory (the SD VAE)")
     g.add_argument("--inception", default=None, help="local TorchScript Inception file")
     args = ap.parse_intermixed_args(argv)
-    keep_freed_memory()
     flags = {"eval_samples": args.samples, "eval_batch": args.batch, "cfg_scale": args.cfg, "sample_steps": args.steps}
     c = Path(args.checkpoint)
     try:

@@ -36,7 +36,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import NAMES, Peak, out, yardstick, time_split, write_readme  # noqa: E402
 from unimodal.config import PRECISIONS, ModelConfig, load_config, resolve_precision  # noqa: E402
-from unimodal.host import keep_freed_memory  # noqa: E402
 from unimodal.model import ACDiT  # noqa: E402
 from unimodal.sampling import SequenceSampler  # noqa: E402
 from unimodal.sequence import PackSpec  # noqa: E402
@@ -156,7 +155,6 @@ def main() -> None:
     ap.add_argument("--only-mfu", action="store_true", help="run part 3 only (its RESULT line is the sampling MFU)")
     ap.add_argument("--readme", action="store_true", help="write this run's output into README.md's results")
     args = ap.parse_args()
-    heap = keep_freed_memory()  # as train.py and evaluate.py do
     args.precision = resolve_precision(args.precision, "cpu")
     if args.only_mfu and (args.skip_mfu or args.readme):
         ap.error("--only-mfu runs part 3 alone: it cannot be combined with --skip-mfu or --readme")
@@ -164,8 +162,7 @@ def main() -> None:
     spec = PackSpec(patch_size=1, latent_channels=4)
     streams = 2 if args.cfg != 1.0 else 1
     out(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, batch {args.batch}, guidance "
-        f"{args.cfg:g} ({streams} stream{'s' if streams > 1 else ''}), {args.steps} solver steps; malloc "
-        f"{'keeps freed memory (unimodal.host)' if heap else 'as it is'}")
+        f"{args.cfg:g} ({streams} stream{'s' if streams > 1 else ''}), {args.steps} solver steps")
     if args.only_mfu:
         mfu = part3(args, spec)
         out(f"RESULT sampling MFU, {mfu[0]} ({args.precision}, guidance, batch {args.mfu_batch}, against the interleaved matmul "
