@@ -311,7 +311,7 @@ def test_inputs_the_kernel_cannot_read_in_place_are_copied(dtype):
 def test_amx_is_used_exactly_where_the_cpu_has_it():
     """The bf16 products run on AMX tiles where the CPU reports AMX-TILE and AMX-BF16 (unless UNIMODAL_AMX=0),
     and the kernel targets AMX only through -march=native there; elsewhere the vector path runs."""
-    has = {"amx_tile", "amx_bf16"} <= block_kernel._cpu_flags() and block_kernel.NATIVE <= block_kernel._cpu_flags()
+    has = block_kernel.AMX <= block_kernel._cpu_flags() and block_kernel.NATIVE <= block_kernel._cpu_flags()
     want = os.environ.get("UNIMODAL_AMX", "1") != "0"
     assert block_kernel.amx() == (has and want), "AMX not in use on a CPU that has it (OS permission refused?)"
     lib = block_kernel.library()
@@ -359,7 +359,7 @@ def test_amx_build_compiles_to_tile_instructions_and_falls_back_without_them(mon
         asm = subprocess.run(["objdump", "-d", lib._name], capture_output=True, text=True).stdout
         for op in ("ldtilecfg", "tileloadd", "tdpbf16ps", "tilestored", "tilerelease"):
             assert op in asm, op
-    assert lib.amx == ({"amx_tile", "amx_bf16"} <= block_kernel._cpu_flags())
+    assert lib.amx == (block_kernel.AMX <= block_kernel._cpu_flags())
     lay = pack(LAYOUTS["4x48"], PackSpec()).layout
     groups = masks.query_groups(lay.row(0))
     q, k, v = (t.detach() for t in qkv(1, 2, lay.shape[1], 64, torch.bfloat16, seed=2))
