@@ -7,9 +7,11 @@ pages that the kernel zeroes on first touch (about 8% of an ACDiT-B-shaped bf16 
 every block comes from the heap, and the memory a step frees serves the next step's allocations (as
 a GPU caching allocator reuses device memory); the resident size stays near the run's peak instead of
 falling between steps. `UNIMODAL_KEEP_FREED_MEMORY=0` leaves malloc as it is. Sampling does not set
-it: there it sped up full recomputation (tiny config, 64 blocks: 252 -> 171 s) and the ACDiT-B-shaped
-rows, but slowed cached sampling of many small blocks (tiny, 64 blocks of 16 tokens: 8.7-10.1 s ->
-10.0-10.9 s), the case the cache exists for.
+it yet: in bench/sampling.py it sped up the ACDiT-B-shaped rows (fp32 cached, 134 -> 90 s) and full
+recomputation far more than cached sampling of many small blocks (tiny config, 64 blocks of 16 tokens:
+recomputing 252 -> 171 s, cached 8.7-10.9 s either way, within this machine's noise), so the cache's
+measured gain there fell to 0.65-0.71 of its FLOP prediction: the cached passes' own overheads, which
+the page faults of the recomputing baseline had hidden, come first.
 """
 from __future__ import annotations
 
