@@ -55,11 +55,16 @@ def run(q, k, v, lay, dout):
     return (out, *torch.autograd.grad(out, (q, k, v), dout))
 
 
+AVX512 = block_kernel.NATIVE <= block_kernel._cpu_flags()
+needs_avx512 = pytest.mark.skipif(not AVX512, reason="the AMX path is part of the AVX-512 build, which this "
+                                                     "CPU cannot run")
+
+
 @pytest.fixture(scope="module")
 def amx_emulated():
     """The kernel built with its AMX tiles emulated in software (csrc/amx_emulated.h)."""
-    if not block_kernel.NATIVE <= block_kernel._cpu_flags():
-        pytest.skip("the AMX path is part of the AVX-512 build, which this CPU cannot run")
+    if not AVX512:
+        pytest.skip(needs_avx512.kwargs["reason"])
     lib = block_kernel.build(emulate_amx=True)
     assert lib.amx, "the emulated build runs its bf16 products on tiles"
     return lib
@@ -311,7 +316,7 @@ def test_inputs_the_kernel_cannot_read_in_place_are_copied(dtype):
 def test_amx_is_used_exactly_where_the_cpu_has_it():
     """The bf16 products run on AMX tiles where the CPU reports AMX-TILE and AMX-BF16 (unless UNIMODAL_AMX=0),
     and the kernel targets AMX only through -march=native there; elsewhere the vector path runs."""
-    has = block_kernel.AMX <= block_kernel._cpu_flags() and block_kernel.NATIVE <= block_kernel._cpu_flags()
+    has = block_kernel.AMX <= block_kernel._cpu_flags() and AVX512
     want = os.environ.get("UNIMODAL_AMX", "1") != "0"
     assert block_kernel.amx() == (has and want), "AMX not in use on a CPU that has it (OS permission refused?)"
     lib = block_kernel.library()
@@ -321,12 +326,11 @@ def test_amx_is_used_exactly_where_the_cpu_has_it():
         assert (lib.block_attention_amx(int(want)) == 1) == (has and want)
 
 
+@needs_avx512
 def test_tiles_that_fault_leave_the_kernel_on_the_vector_units(monkeypatch):
     """The tiles are used only after a product on them has matched the vector units' on this machine: where
     the tile product faults (SIGILL, here from the emulation), the kernel reports it (-4) and computes on the
     vector units."""
-    if not block_kernel.NATIVE <= block_kernel._cpu_flags():
-        pytest.skip("the AMX path is part of the AVX-512 build, which this CPU cannot run")
     tiny = torch.tensor(1e-38)
     torch.set_flush_denormal(True)  # the thread's MXCSR: the jump out of the fault must not reset it
     try:
@@ -344,11 +348,10 @@ def test_tiles_that_fault_leave_the_kernel_on_the_vector_units(monkeypatch):
     torch.testing.assert_close(out.double(), naive(q, k, v, masks.dense_mask(lay)[:, None]), **TOL[torch.bfloat16])
 
 
+@needs_avx512
 def test_amx_build_compiles_to_tile_instructions_and_falls_back_without_them(monkeypatch):
     """The kernel compiled for AMX (as -march=native does on an AMX CPU) holds the tile instructions, and on a
     CPU without AMX, or with the OS refusing the tile state, it keeps to the vector path: same results."""
-    if not block_kernel.NATIVE <= block_kernel._cpu_flags():
-        pytest.skip("the AMX path is part of the AVX-512 build, which this CPU cannot run")
     try:
         lib = block_kernel.build(extra_flags=("-mamx-tile", "-mamx-bf16"))
     except RuntimeError as e:

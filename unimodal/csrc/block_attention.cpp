@@ -437,7 +437,7 @@ void probe_fault(int sig) {
 // [-1, 1], so that both sums are exact): M, N and K with edges and a rest of K, fresh and accumulated. A
 // fault during it (SIGILL, SIGSEGV, SIGBUS) counts as no: the tiles are used only once they have worked here.
 // The jump back skips the kernel's restoring of the thread's floating-point state on return from a signal
-// handler: MXCSR (flush-to-zero, rounding) and the x87 environment are saved and put back here.
+// handler: the floating-point environment (x87 and MXCSR: flush-to-zero, rounding) is saved and put back here.
 bool amx_works() {
   constexpr int M = 48, N = 48, K = 80, lda = 88, ldb = 64, ldc = 56;
   std::vector<bf16> A((size_t)M * lda), Bp((size_t)K * ldb);
@@ -455,7 +455,6 @@ bool amx_works() {
   on_fault.sa_handler = probe_fault;
   sigemptyset(&on_fault.sa_mask);
   probe_thread = pid_t(syscall(SYS_gettid));
-  const unsigned csr = _mm_getcsr();
   fenv_t env;
   fegetenv(&env);
   for (int i = 0; i < 3; i++) sigaction(PROBE_SIGNALS[i], &on_fault, &probe_saved[i]);
@@ -471,7 +470,6 @@ bool amx_works() {
   tiles_on = false;
   for (int i = 0; i < 3; i++) sigaction(PROBE_SIGNALS[i], &probe_saved[i], nullptr);
   fesetenv(&env);
-  _mm_setcsr(csr);
   return same;
 }
 #else
