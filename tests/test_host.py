@@ -14,7 +14,7 @@ from unimodal.host import keep_freed_memory
 assert keep_freed_memory() == (sys.argv[1] == "1")
 faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt  # noqa: E731
 sizes = [64, 25, 100, 50, 8, 3]  # MiB: activations of a step, some above glibc's largest mmap threshold
-for step in range(6):  # a step allocates them and their products, then frees them all
+for step in range(12):  # a step allocates them and their products, then frees them all
     if step == 2:
         before = faults()
     xs = [torch.ones(s * 2 ** 20 // 4) for s in sizes]
@@ -35,5 +35,7 @@ def faults(keep: bool) -> int:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc settings")
 def test_kept_memory_is_reused_without_page_faults():
     without, kept = faults(False), faults(True)
-    assert without >= 4 * 500 / 2, without  # 4 steps of 500 MiB of fresh pages: at least one fault per 2 MiB
+    assert without >= 10 * 500 / 2, without  # 10 steps of 500 MiB of fresh pages: at least one fault per 2 MiB
+    # kept: the heap still grows now and then (a block that fits no free chunk: about 50-100 MiB of fresh
+    # pages in some of the early steps, measured), then the steps run on the pages they freed
     assert kept < without / 10, (kept, without)
