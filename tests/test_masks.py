@@ -121,6 +121,29 @@ def test_backends_in_bf16_match_naive_attention(backend):
             torch.testing.assert_close(a.float(), r, atol=5e-2, rtol=5e-2)
 
 
+def test_dense_path_attends_in_fp32_under_autocast():
+    """CPU autocast lists SDPA among its bf16 ops: the dense-mask path, which attends reduced-precision
+    inputs in fp32, must come out as fp32 SDPA on the widened inputs (forward and gradients), not as
+    bf16 SDPA."""
+    lay = random_layout(3)
+    B, L = lay.shape
+    q, k, v = (torch.randn(B, 2, L, 16).bfloat16().requires_grad_() for _ in range(3))
+    mask = AttnContext(lay, None, None, "sdpa").dense()
+    qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref = torch.nn.functional.scaled_dot_product_attention(qf, kf, vf, attn_mask=mask)
+    low = torch.nn.functional.scaled_dot_product_attention(q.detach(), k.detach(), v.detach(), attn_mask=mask)
+    assert not torch.equal(low, ref.bfloat16())  # the two paths are told apart by these inputs
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attend(q, k, v, AttnContext(lay, None, None, "sdpa"))
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref.bfloat16(), atol=0, rtol=0)
+    g = torch.randn(ref.shape).bfloat16()
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    refs = torch.autograd.grad(ref, (qf, kf, vf), g.float())
+    for a, r in zip(grads, refs):
+        torch.testing.assert_close(a, r.bfloat16(), atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("block", [64, 256])
 def test_block_path_in_bf16_matches_naive_attention_on_both_backward_kernels(block, monkeypatch):
     """One 32x32 image in blocks of `block` tokens through ATen's kernels (the own kernel, which would

@@ -332,8 +332,13 @@ def attend(q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext, layer: int = 0) ->
     and cached paths run their kernels in the inputs' dtype (fp32 accumulation and softmax inside):
     the own kernel forward and backward where it takes the group, else ATen's, whose backward runs in
     fp32 for query groups under LOW_BWD_MIN_QUERIES; the gradients are summed in fp32."""
-    if attends_in_fp32(q, ctx) and q.dtype != torch.float32:
-        return attend(q.float(), k.float(), v.float(), ctx, layer).to(q.dtype)
+    if attends_in_fp32(q, ctx):  # with CPU autocast off: it would cast SDPA's fp32 inputs back to bf16
+        with torch.autocast("cpu", enabled=False):
+            return _attend_pass(q.float(), k.float(), v.float(), ctx, layer).to(q.dtype)
+    return _attend_pass(q, k, v, ctx, layer)
+
+
+def _attend_pass(q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext, layer: int) -> Tensor:
     if ctx.cache is not None:
         if ctx.backend == "block" and ctx.split_plan() is not None:
             return _cached_split_attention(q, k, v, ctx, layer)
