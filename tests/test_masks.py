@@ -179,3 +179,33 @@ def test_block_path_skips_the_empty_part_of_scam():
     allowed = int(masks.dense_mask(lay).sum())
     assert computed == allowed
     assert all(g.mask is None for g in groups)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_padding_run_is_one_group_on_the_block_path(dtype):
+    """A row padded by 200 tokens: the padding is one group whatever its length (no call or Python
+    step per padding token), `auto` keeps the block path, and forward and gradients match naive
+    attention under the brute-force mask (padding sees only itself)."""
+    from unimodal.attention import choose_backend
+    from unimodal.sequence import Image, Sample
+    sample = Sample([Image(torch.randn(1, 16, 16), block=64)], label=1)
+    n = len(pack([sample], PackSpec()).tokens[0])
+    lay = pack([sample], PackSpec(), max_len=n + 200).layout
+    assert int((lay.doc[0] < 0).sum()) == 200
+    groups = masks.query_groups(lay)
+    pads = [g for g in groups if lay.doc[0, g.q0] < 0]
+    assert [(g.q0, g.q1, g.k_ranges) for g in pads] == [(n, n + 200, ())]
+    assert choose_backend("auto", lay, torch.device("cpu"), True, False) == "block"
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, n + 200, 32, generator=g).to(dtype).requires_grad_() for _ in range(3))
+    qf, kf, vf = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref_mask = brute_force(lay.doc[0].tolist(), lay.step[0].tolist(), lay.noisy[0].tolist())[None, None]
+    ref = naive_attention(qf, kf, vf, ref_mask)
+    out = attend(q, k, v, AttnContext(lay, None, None, "block"))
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+    dout = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad((out.double() * dout).sum(), (q, k, v))
+    refs = torch.autograd.grad((ref * dout).sum(), (qf, kf, vf))
+    for a, r in zip(grads, refs):
+        torch.testing.assert_close(a.double(), r, atol=5 * tol, rtol=5 * tol)

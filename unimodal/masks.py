@@ -113,7 +113,8 @@ def block_mask(layout: Layout, block_size: int = 128):
 @dataclass(frozen=True)
 class QueryGroup:
     """A contiguous run of queries [q0, q1) and the key ranges it may see (union over the run).
-    `mask` is None when every (query, key) pair of the group is allowed, else (q1-q0, n_keys) bool."""
+    `mask` is None when every (query, key) pair of the group is allowed, else (q1-q0, n_keys) bool.
+    No key ranges: a padding run, each query seeing only itself (its output is its own value)."""
     q0: int
     q1: int
     k_ranges: tuple[tuple[int, int], ...]
@@ -183,9 +184,8 @@ def _query_groups_cached(key, layout: Layout, max_group: int, small_unit: int) -
             vis |= table[j]
             j += 1
         q0, q1 = units[i][0], units[j - 1][1]
-        if ud[i] < 0:  # padding run: each token sees only itself
-            for p in range(q0, q1):
-                groups.append(QueryGroup(p, p + 1, ((p, p + 1),), None))
+        if ud[i] < 0:  # padding run: each token sees only itself, one group without key ranges
+            groups.append(QueryGroup(q0, q1, (), None))
             i = j
             continue
         rng = _ranges(vis.tolist(), units)
