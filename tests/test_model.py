@@ -189,6 +189,39 @@ def test_block_broadcast_modulation_equals_per_token_lookup(monkeypatch):
     torch.testing.assert_close(outs[0][1], outs[1][1], atol=1e-12, rtol=1e-12)
 
 
+def test_text_only_passes_skip_modulation(monkeypatch):
+    """Without conditioned tokens nothing is modulated: logits and gradients equal the per-token lookup's
+    (identity rows), whose adaLN gradients are zero where the skipping pass leaves them out."""
+    from unimodal import model as M
+    model = randomised(tiny("sdpa"))
+    g = torch.Generator().manual_seed(3)
+    samples = [Sample([Text(torch.randint(0, 50, (n,), generator=g))]) for n in (9, 14)]
+    pk = pack(samples, PackSpec(latent_channels=model.cfg.latent_channels))
+    inp = model_input(pk, pk.patches.double(), torch.zeros(0), torch.zeros(0, dtype=torch.long))
+    assert M.Modulation(inp.cond_index).none
+    init = M.Modulation.__init__
+    results = []
+    for skip in (True, False):
+        def patched(self, ci, skip=skip):
+            init(self, ci)
+            self.none = self.none and skip
+        monkeypatch.setattr(M.Modulation, "__init__", patched)
+        model.zero_grad(set_to_none=True)
+        logits = model(inp, logits_at=inp.is_text & (pk.doc >= 0)).logits
+        logits.square().sum().backward()
+        results.append((logits.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (a, ga), (b, gb) = results
+    torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+    skipped = [n for n, v in ga.items() if v is None]
+    assert skipped and all("adaLN_modulation" in n or n.split(".")[0] in ("final_layer", "t_embedder", "y_embedder")
+                           for n in skipped)  # the conditioning path only
+    for n in ga:
+        if ga[n] is None:
+            assert gb[n] is None or not bool(gb[n].any()), n
+        else:
+            torch.testing.assert_close(ga[n], gb[n], atol=1e-12, rtol=1e-12, msg=n)
+
+
 @pytest.mark.parametrize("gamma", [0.0, 5.0])
 def test_min_snr_loss_equals_a_per_block_loop(gamma):
     """The image loss, plain or Min-SNR-gamma weighted, recomputed block by block from the

@@ -70,13 +70,15 @@ class Modulation:
     """Applies adaLN parameters to the conditioned (noised) tokens only; clean and text tokens
     pass through unmodulated. Built once per forward from `cond_index` (B, L).
 
-    Fast path: when every row's conditioned tokens form one contiguous range made of equal runs
-    (the blocks of a packed sample), parameters are broadcast per block over a view, with no
-    per-token gather. Otherwise a per-token table lookup with an identity row for the rest."""
+    Without conditioned tokens (text-only passes) nothing is modulated or gated. Fast path: when every
+    row's conditioned tokens form one contiguous range made of equal runs (the blocks of a packed
+    sample), parameters are broadcast per block over a view, with no per-token gather. Otherwise a
+    per-token table lookup with an identity row for the rest."""
 
     def __init__(self, cond_index: Tensor):
         self.index = cond_index
         self.B, self.L = cond_index.shape
+        self.none = not bool((cond_index >= 0).any())
         self.fast = self._plan(cond_index)
 
     @staticmethod
@@ -99,7 +101,10 @@ class Modulation:
         return s, e, bs, runs[:, :, 0]  # rows of the table per (row, block)
 
     def params(self, table: Tensor, k: int) -> list[Tensor]:
-        """table (n_cond, k*H) -> k parameter tensors broadcastable to the conditioned tokens."""
+        """table (n_cond, k*H) -> k parameter tensors broadcastable to the conditioned tokens (None when
+        no token is conditioned)."""
+        if self.none:
+            return [None] * k
         if self.fast is not None:
             idx = self.fast[3]  # (B, nb)
             return list(table[idx][:, :, None].chunk(k, dim=-1))  # k x (B, nb, 1, H)
@@ -117,6 +122,8 @@ class Modulation:
 
     def modulate(self, h: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
         """h: a fresh (B, L, H) activation (a norm's output); without autograd it is modulated in place."""
+        if self.none:
+            return h
         if self.fast is None:
             return h * (1 + scale) + shift
         a, n, b = self._split(h)
@@ -129,6 +136,8 @@ class Modulation:
     def residual(self, x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
         """x + gate * y at conditioned tokens, x + y elsewhere; y: a fresh (B, L, H) branch output
         (gated in place without autograd), x is never modified."""
+        if self.none:
+            return x + y  # (B, L, H)
         if self.fast is None:
             return x + gate * y
         ya, yn, yb = self._split(y)
@@ -274,7 +283,9 @@ class ACDiT(nn.Module):
             cache.advance(n_commit, inp.layout)
         # noise prediction at noised (conditioned) tokens only
         flat = x.reshape(B * L, -1)  # (B*L, H)
-        if mod.fast is not None:
+        if mod.none:  # no noised token: no output from the noise head (nor a graph through it)
+            eps = x.new_zeros(B, L, self.cfg.patch_dim)  # (B, L, P)
+        elif mod.fast is not None:
             s, e, bs, idx = mod.fast
             xn = x[:, s:e].reshape(B, -1, bs, x.shape[-1])  # (B, nb, bs, H)
             eps_n = self.final_layer(xn, c[idx][:, :, None]).flatten(1, 2)  # (B, e - s, P)
