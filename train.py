@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from diffusers.training_utils import EMAModel
 from tqdm import tqdm
 from transformers.optimization import get_wsd_schedule
@@ -87,7 +87,10 @@ def token_count(batch) -> int:
 
 
 def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
-    accelerator = Accelerator(mixed_precision="no", cpu=not torch.cuda.is_available())
+    # find_unused_parameters: a text-only batch leaves the noise head and adaLN unused, an image-only one the
+    # LM head, classification both (DDP's reducer otherwise stops at the next step)
+    accelerator = Accelerator(mixed_precision="no", cpu=not torch.cuda.is_available(),
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     main = accelerator.is_main_process
     if cfg.precision == "bf16" and not native_bf16(device) and main:
@@ -217,7 +220,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
                     bar.total = total
                     if main and not quiet:
                         bar.write(f"{per_step:.2f} s/step: {total} steps fit the {cfg.time_limit_min:g} min budget")
-            if (step + 1) % cfg.ckpt_every == 0 or step + 1 == total:
+            if (cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0) or step + 1 == total:
                 save(step + 1)
             step += 1
     finally:

@@ -139,30 +139,32 @@ def test_auto_precision_is_bf16_only_where_bf16_matmuls_are_fast(tmp_path):
     assert json.loads((tmp_path / "run" / "config.json").read_text())["precision"] == want
 
 
-def test_two_processes_give_the_weights_of_one(tmp_path):
-    """torchrun with 2 CPU processes (gloo) and the same global batch ends with the same weights."""
+@pytest.mark.parametrize("config", ["mnist_class_tiny", "kjv_text_tiny"])
+def test_two_processes_give_the_weights_of_one(tmp_path, config):
+    """torchrun with 2 CPU processes (gloo) and the same global batch ends with the same weights; also for
+    text-only training, whose passes leave the noise head and the conditioning path unused."""
     args = TINY + ["steps=3", "ckpt_every=3", "global_batch=4"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    one = subprocess.run([sys.executable, "train.py", "configs/mnist_class_tiny.py", *args,
+    one = subprocess.run([sys.executable, "train.py", f"configs/{config}.py", *args,
                           f"out_dir={tmp_path / 'one'}", "--quiet"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", "29517", "train.py", "configs/mnist_class_tiny.py", *args,
+                          "--master_port", "29517", "train.py", f"configs/{config}.py", *args,
                           f"out_dir={tmp_path / 'two'}", "--quiet"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert two.returncode == 0, two.stderr[-3000:]
     assert ckpt.load_state(tmp_path / "two")["world_size"] == 2
     w1 = load_file(str(tmp_path / "one/step_0000003/model.safetensors"))
     w2 = load_file(str(tmp_path / "two/step_0000003/model.safetensors"))
-    w0 = train_init_weights()
+    w0 = train_init_weights(config)
     moved = max(float((w1[k] - w0[k]).abs().max()) for k in w1 if k in w0)
     assert moved > 1e-4  # training changed the weights
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], atol=1e-5, rtol=1e-5)
 
 
-def train_init_weights():
+def train_init_weights(config="mnist_class_tiny"):
     from tasks import build_task
-    cfg = tiny_cfg("/tmp/unused")
+    cfg = load_config(ROOT / f"configs/{config}.py", TINY + ["out_dir=/tmp/unused"])
     torch.manual_seed(cfg.seed)
     return build_task(cfg).build_model().state_dict()
 
@@ -234,3 +236,11 @@ def test_time_budget_refit_continues_the_stretched_schedule_without_warnings(tmp
             ref_lrs.append(ref_opt.param_groups[0]["lr"])
             opt.step(), sched.step(), ref_opt.step(), ref.step()
     assert lrs == pytest.approx(ref_lrs, rel=1e-12) and ref_lrs[-1] < ref_lrs[0]
+
+
+def test_ckpt_every_zero_saves_at_the_end_only_and_bad_intervals_fail(tmp_path):
+    train.train(tiny_cfg(tmp_path, "steps=3", "ckpt_every=0"), quiet=True)
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_0000003"]
+    for bad in ("log_every=0", "ckpt_every=-1", "steps=0"):
+        with pytest.raises(ValueError, match=bad.split("=")[0]):
+            tiny_cfg(tmp_path / "bad", bad)

@@ -140,13 +140,21 @@ class TrainConfig:
     precision: str = "auto"  # bf16 autocast with fp32 master weights, fp32, or auto (`resolve_precision`)
     ema_decay: float = 0.9999
     log_every: int = 10
-    ckpt_every: int = 500
+    ckpt_every: int = 500  # 0: only at the end
     sample_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
     out_dir: str = "runs/default"
     init_from: str = ""  # checkpoint directory whose weights initialise the model (fine-tuning, probes)
     eval_at_end: bool = True
     time_limit_min: float = 0.0  # > 0: fit `steps` to this wall-time budget, measured after the first steps
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "global_batch", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("ckpt_every", "sample_every", "keep_checkpoints"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
 
 
 # ----------------------------------------------------------------------------- precision
