@@ -176,7 +176,8 @@ class ClassVideoTask(Task):
         p = self.spec.patch_size
         s = SequenceSampler(model, self.sample_spec, labels.shape[0], labels,
                             t.cfg_scale if cfg_scale is None else cfg_scale, t.scheduler, steps or t.sample_steps,
-                            max_len=T * (H // p) * (W // p) + 8, generator=torch.Generator().manual_seed(seed))
+                            max_len=T * (H // p) * (W // p) + 8, generator=torch.Generator().manual_seed(seed),
+                            precision=self.cfg.precision)
         z = s.video(T, C, H, W, t.frames_per_block)  # (N, T, C, H, W)
         return self.codec.decode(z.to(self.device).float()).clamp(-1, 1).cpu()
 

@@ -159,7 +159,7 @@ class MixedCaptionTask(Task):
         p = self.spec.patch_size
         return SequenceSampler(model, self.spec, rows, None, 1.0, self.tc.scheduler, self.tc.sample_steps,
                                max_len=(H // p) * (W // p) + 2 * self.tc.max_caption + 8,
-                               generator=torch.Generator().manual_seed(seed))
+                               generator=torch.Generator().manual_seed(seed), precision=self.cfg.precision)
 
     @torch.no_grad()
     def caption_to_image(self, model, digits: torch.Tensor, template: int, seed: int = 0) -> torch.Tensor:

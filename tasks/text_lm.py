@@ -188,7 +188,7 @@ class TextLMTask(Task):
         max_new = max_new or t.sample_tokens
         ids = torch.tensor([self.eot] + self.codec.encode(prompt))
         s = SequenceSampler(model, self.spec, rows, max_len=len(ids) + max_new + 4,
-                            generator=torch.Generator().manual_seed(seed))
+                            generator=torch.Generator().manual_seed(seed), precision=self.cfg.precision)
         s.feed_text(ids)
         out = s.text(max_new, temperature=temperature, top_p=top_p, stop=[self.eot])  # (rows, n)
         texts = []

@@ -286,21 +286,21 @@ class SequenceSampler:
 
 def sample_images(model: ACDiT, spec: PackSpec, labels: Tensor, latent_shape: tuple[int, int, int], block=None,
                   cfg_scale: float = 1.0, steps: int = 25, scheduler: str = "dpm",
-                  generator: torch.Generator | None = None, mode: str = "cache") -> Tensor:
-    """Class-conditional images: labels (B,) -> latents (B, C, H, W)."""
+                  generator: torch.Generator | None = None, mode: str = "cache", precision: str = "fp32") -> Tensor:
+    """Class-conditional images: labels (B,) -> latents (B, C, H, W); precision as SequenceSampler's."""
     C, H, W = latent_shape
     n = (H // spec.patch_size) * (W // spec.patch_size)
     s = SequenceSampler(model, spec, labels.shape[0], labels, cfg_scale, scheduler, steps, max_len=n + 16,
-                        generator=generator, mode=mode)
+                        generator=generator, mode=mode, precision=precision)
     return s.image(C, H, W, block)
 
 
 def sample_videos(model: ACDiT, spec: PackSpec, labels: Tensor, latent_shape: tuple[int, int, int, int],
                   frames_per_block: int = 1, cfg_scale: float = 1.0, steps: int = 25, scheduler: str = "dpm",
-                  generator: torch.Generator | None = None, mode: str = "cache") -> Tensor:
-    """Class-conditional videos: labels (B,) -> latents (B, T, C, H, W)."""
+                  generator: torch.Generator | None = None, mode: str = "cache", precision: str = "fp32") -> Tensor:
+    """Class-conditional videos: labels (B,) -> latents (B, T, C, H, W); precision as SequenceSampler's."""
     T, C, H, W = latent_shape
     n = T * (H // spec.patch_size) * (W // spec.patch_size)
     s = SequenceSampler(model, spec, labels.shape[0], labels, cfg_scale, scheduler, steps, max_len=n + 16,
-                        generator=generator, mode=mode)
+                        generator=generator, mode=mode, precision=precision)
     return s.video(T, C, H, W, frames_per_block)
