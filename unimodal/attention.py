@@ -515,7 +515,9 @@ class Attention(nn.Module):
         q, k = apply_rope(qk, cos, sin).to(v.dtype).unbind(0)  # 2 x (B, H, L, D)
         return q, k, v
 
-    def out(self, o: Tensor, dtype: torch.dtype) -> Tensor:
-        """o (B, H, L, D) -> (B, L, C) through the output projection."""
+    def out(self, o: Tensor) -> Tensor:
+        """o (B, H, L, D) -> (B, L, C) through the output projection (in the weights' dtype, or autocast's)."""
         B, H, L, D = o.shape
-        return self.proj(o.to(dtype).transpose(1, 2).reshape(B, L, H * D))  # (B, L, C)
+        if not torch.is_autocast_enabled(o.device.type):
+            o = o.to(self.proj.weight.dtype)  # (B, H, L, D)
+        return self.proj(o.transpose(1, 2).reshape(B, L, H * D))  # (B, L, C)

@@ -178,7 +178,7 @@ def _pre_attention(blk: Block, x: Tensor, shift: Tensor, scale: Tensor, mod: Mod
 def _post_attention(blk: Block, x: Tensor, o: Tensor, gate1: Tensor, shift2: Tensor, scale2: Tensor, gate2: Tensor,
                     mod: Modulation) -> Tensor:
     """Output projection, gated residual, norm2, modulation, MLP, gated residual -> (B, L, H)."""
-    x = mod.residual(x, blk.attn.out(o, x.dtype), gate1)  # (B, L, H)
+    x = mod.residual(x, blk.attn.out(o), gate1)  # (B, L, H)
     return mod.residual(x, blk.mlp(mod.modulate(blk.norm2(x), shift2, scale2)), gate2)  # (B, L, H)
 
 
@@ -263,7 +263,8 @@ class ACDiT(nn.Module):
         """Training / full forward (cache None), or a cached pass over new tokens whose first
         `n_commit` (clean) tokens are committed to `cache` (a KVCache) during the pass."""
         B, L = inp.tokens.shape
-        x = self.x_embedder(inp.patches)  # (B, L, H)
+        # the residual stream in the weights' dtype (fp32 master weights under autocast, as text embeddings are)
+        x = self.x_embedder(inp.patches).to(self.x_embedder.weight.dtype)  # (B, L, H)
         if self.tok_embedder is not None:
             x = torch.where(inp.is_text[..., None], self.tok_embedder(inp.tokens.clamp(min=0)), x)  # (B, L, H)
         c = self.condition(inp.t, inp.y)  # (n_cond, H)
