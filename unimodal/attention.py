@@ -105,16 +105,20 @@ class RopeND:
             emb = torch.cat([torch.cat([a, a], -1) for a in angles], -1)  # (B, L, head_dim)
         return emb.cos().float()[:, None], emb.sin().float()[:, None]
 
+    def tables(self, pos: Tensor) -> tuple[Tensor, Tensor]:
+        """pos (B, L, A) integer -> the tables `apply_rope` takes: cos, and sin with its first half negated
+        (B, 1, L, head_dim) float32."""
+        cos, sin = self.cos_sin(pos)
+        half = self.head_dim // 2
+        return cos, torch.cat([-sin[..., :half], sin[..., half:]], -1)
 
-def rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
 
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x (..., B, H, L, D); cos/sin (B, 1, L, D) float32; computed in (at least) float32, returned in x's dtype."""
-    xf = x.to(torch.promote_types(x.dtype, torch.float32))
-    return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
+def apply_rope(x: Tensor, cos: Tensor, sin_rot: Tensor) -> Tensor:
+    """x (..., B, H, L, D); cos, sin_rot (B, 1, L, D) float32 from `RopeND.tables`: x cos + rotate_half(x) sin with
+    rotate_half(x) = (-x2, x1), written as roll(x, D/2) = (x2, x1) times the sine with its first half negated (one
+    fused multiply-add, no negation pass); computed in (at least) float32, returned in x's dtype."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))  # (..., B, H, L, D)
+    return torch.addcmul(xf * cos, xf.roll(x.shape[-1] // 2, -1), sin_rot).to(x.dtype)  # (..., B, H, L, D)
 
 
 class RMSNorm(nn.RMSNorm):
@@ -131,8 +135,8 @@ class RMSNorm(nn.RMSNorm):
 class AttnContext:
     """Everything attention needs for one forward pass, built once and shared by all layers."""
     layout: Layout  # queries' (doc, step, noisy), (B, L)
-    cos: Tensor
-    sin: Tensor
+    cos: Tensor  # (B, 1, L, D): RopeND.tables
+    sin: Tensor  # (B, 1, L, D): RopeND.tables, the sine with its first half negated
     backend: str = "sdpa"
     # cached decoding: keys are cache[:length] followed by the new tokens
     cache: object | None = None
@@ -501,8 +505,8 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=True)
 
     def project(self, x: Tensor, cos: Tensor, sin: Tensor, fp32: bool) -> tuple[Tensor, Tensor, Tensor]:
-        """x (B, L, C) -> q, k, v (B, H, L, D): fused QKV, QK-norm and RoPE (in at least fp32); with `fp32` the
-        three come out in fp32 for the CPU kernels, else in the projection's dtype."""
+        """x (B, L, C) -> q, k, v (B, H, L, D): fused QKV, QK-norm and RoPE (in at least fp32; cos, sin from
+        `RopeND.tables`); with `fp32` the three come out in fp32 for the CPU kernels, else in the projection's dtype."""
         B, L, C = x.shape
         qkv = self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, L, D)
         if fp32:  # cast once: QK-norm, RoPE and the kernel all run in fp32

@@ -268,7 +268,7 @@ class ACDiT(nn.Module):
         if self.tok_embedder is not None:
             x = torch.where(inp.is_text[..., None], self.tok_embedder(inp.tokens.clamp(min=0)), x)  # (B, L, H)
         c = self.condition(inp.t, inp.y)  # (n_cond, H)
-        cos, sin = self.rope.cos_sin(inp.pos)  # (B, 1, L, Dh) each
+        cos, sin = self.rope.tables(inp.pos)  # (B, 1, L, Dh) each: cos, and sin with its first half negated
         backend = choose_backend(self.cfg.attn_backend, inp.layout, x.device, self.training, cache is not None)
         kv_layout = cache.key_layout(inp.layout) if cache is not None else None
         ctx = AttnContext(inp.layout, cos, sin, backend, cache=cache, kv_layout=kv_layout, n_commit=n_commit)
