@@ -115,10 +115,13 @@ class RopeND:
 
 def apply_rope(x: Tensor, cos: Tensor, sin_rot: Tensor) -> Tensor:
     """x (..., B, H, L, D); cos, sin_rot (B, 1, L, D) float32 from `RopeND.tables`: x cos + rotate_half(x) sin with
-    rotate_half(x) = (-x2, x1), written as roll(x, D/2) = (x2, x1) times the sine with its first half negated (one
-    fused multiply-add, no negation pass); computed in (at least) float32, returned in x's dtype."""
+    rotate_half(x) = (-x2, x1), written as the swapped halves (x2, x1) times the sine with its first half negated
+    (one fused multiply-add, no negation pass); computed in (at least) float32, returned in x's dtype. The halves
+    are swapped by a flip of a (2, D/2) view rather than roll(x, D/2): under torch.compile a roll's modular index
+    turns the fused RoPE kernels (and their backward) into per-element gathers, a flip stays vectorised."""
     xf = x.to(torch.promote_types(x.dtype, torch.float32))  # (..., B, H, L, D)
-    return torch.addcmul(xf * cos, xf.roll(x.shape[-1] // 2, -1), sin_rot).to(x.dtype)  # (..., B, H, L, D)
+    swapped = xf.unflatten(-1, (2, -1)).flip(-2).flatten(-2)  # (..., B, H, L, D): (x2, x1)
+    return torch.addcmul(xf * cos, swapped, sin_rot).to(x.dtype)  # (..., B, H, L, D)
 
 
 class RMSNorm(nn.RMSNorm):
