@@ -287,6 +287,27 @@ def test_bf16_autocast_sampling_stays_close_to_fp32():
     assert 0 < err < 0.1
 
 
+@pytest.mark.parametrize("with_text", [False, True])
+def test_bf16_sampling_computes_what_bf16_training_computes(with_text):
+    """bf16 sampling casts the weights once instead of on every pass, yet every pass computes exactly what
+    the model with its fp32 master weights computes under bf16 autocast, as in training (the residual
+    stream, norms and modulation in fp32; only the projections in bf16)."""
+    model = model_fp32()
+    diffs = []
+
+    def oracle(s, inp, n_commit, out):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            ref = model(inp)
+        diffs.append(float((out.eps.float() - ref.eps.float()).abs().max()))
+
+    s = SequenceSampler(model, SPEC, 2, labels=torch.tensor([1, 2]), cfg_scale=1.5, steps=2, precision="bf16",
+                        mode="recompute", on_pass=oracle, generator=torch.Generator().manual_seed(0))
+    if with_text:
+        s.feed_text(torch.tensor([[1, 5], [1, 7]]))
+    s.image(2, 4, 4, block=4)
+    assert len(diffs) == s.passes > 0 and max(diffs) == 0.0, diffs
+
+
 @pytest.mark.parametrize("backend", ["sdpa", "block"])
 def test_compiled_regions_sample_as_eager(backend):
     """model.compile=True also fuses the cached passes (varying pass lengths, the pending clean

@@ -42,6 +42,16 @@ class _Tokens:
     pos: Tensor  # (n, A)
 
 
+def bf16_linear_weights(model: ACDiT) -> dict[str, Tensor]:
+    """The model's parameters with those of its linear layers cast to bf16 once, for passes under bf16
+    autocast: autocast would cast exactly these on every pass (and the results are the same), while the
+    embeddings and norms stay in fp32, and so does the patch embedding, whose dtype is the residual
+    stream's: what the model computes is what bf16 training computes with its fp32 master weights."""
+    cast = {f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+            and m is not model.x_embedder for p, _ in m.named_parameters(recurse=False)}
+    return {n: t.detach().to(torch.bfloat16) if n in cast else t.detach() for n, t in model.named_parameters()}
+
+
 class SequenceSampler:
     def __init__(self, model: ACDiT, spec: PackSpec, batch: int, labels: Tensor | None = None,
                  cfg_scale: float = 1.0, scheduler: str = "dpm", steps: int = 25, max_len: int = 4096,
@@ -73,12 +83,9 @@ class SequenceSampler:
         self.cache = KVCache.for_model(model, rows, max_len, dtype=kv_dtype) if mode == "cache" else None
         self.shared_cache = shared_cache
         self.on_pass = on_pass  # callback(inp, n_commit, out) after every pass (tests, profiling)
-        # bf16 autocast for the network; the solver's arithmetic and the guidance stay in fp32. The
-        # floating-point weights are cast to bf16 once here, not by autocast on every pass.
+        # bf16 autocast for the network, as in training; the solver's arithmetic and the guidance stay in fp32.
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-        self.weights = None
-        if precision == "bf16":
-            self.weights = {n: t.detach().to(torch.bfloat16) for n, t in model.named_parameters()}
+        self.weights = None if precision != "bf16" else bf16_linear_weights(model)
         self.run = 0  # running position index
         self.unit = 0  # next autoregressive unit
         self.pending: list[_Tokens] = []
