@@ -180,6 +180,24 @@ def test_shared_cache_guidance_equals_two_separate_streams():
     torch.testing.assert_close(res[0], res[1], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("scheduler", ["dpm", "ddim", "ddpm"])
+def test_a_perfect_noise_prediction_recovers_latents_outside_unit_range(scheduler):
+    """Latents (scaled VAE latents: std about 1) are not clipped to [-1, 1]: fed the exact noise of the
+    current sample, every solver ends on the clean latents, whatever their range."""
+    from unimodal.diffusion import sampling_scheduler
+    sched = sampling_scheduler(scheduler)
+    g = torch.Generator().manual_seed(0)
+    x0 = 3 * torch.randn(2, 16, 4, generator=g) + 1.5  # (B, n, P): a third of the values beyond [-1, 1]
+    sched.set_timesteps(10)
+    x = torch.randn(x0.shape, generator=g)  # (B, n, P)
+    ab = sched.alphas_cumprod
+    for t in sched.timesteps:
+        a = ab[int(t)]
+        eps = (x - a.sqrt() * x0) / (1 - a).sqrt()  # the noise that makes x the noised x0 at t
+        x = sched.step(eps, t, x, generator=g).prev_sample
+    assert torch.allclose(x, x0, atol=1e-3), float((x - x0).abs().max())
+
+
 def test_guidance_formula_against_unguided_streams():
     """eps = uncond + s (cond - uncond): one guided step equals the combination of two unguided runs."""
     model = model_fp32()

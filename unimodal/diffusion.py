@@ -27,9 +27,10 @@ def train_scheduler(num_train_timesteps: int = 1000) -> DDPMScheduler:
 
 
 def sampling_scheduler(kind: str = "dpm", num_train_timesteps: int = 1000):
-    """Sampling scheduler built from the DDIM config as the reference does ("dpm"), or DDIM / DDPM."""
+    """Sampling scheduler built from the DDIM config as the reference does ("dpm"), or DDIM / DDPM; none clips
+    its x0 estimates to [-1, 1] (diffusers' DDIM default): latents are not bounded (DiT, ACDiT do not clip)."""
     base = DDIMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule="linear",
-                         beta_start=0.0001, beta_end=0.02)
+                         beta_start=0.0001, beta_end=0.02, clip_sample=False)
     if kind == "dpm":
         return DPMSolverMultistepScheduler.from_config(base.config)
     if kind == "ddim":
