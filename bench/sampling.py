@@ -101,7 +101,7 @@ def part3(args, spec: PackSpec) -> tuple[str, float]:
     bf16); returns the last row's (name, MFU)."""
     prec = args.precision  # resolved in main
     dtype = torch.bfloat16 if prec == "bf16" else torch.float32
-    wcast = " (linear weights cast once)" if prec == "bf16" else ""
+    wcast = " (weights cast once)" if prec == "bf16" else ""
     out(f"\nPart 3: cached sampling throughput, {prec}{wcast}, model.compile=True, batch {args.mfu_batch}, "
         f"guidance 1.5 (2 streams), 4 blocks of 256 tokens (32x32x4 latents, patch 1), {args.mfu_steps} steps per "
         f"block; every block follows a 2048^3 {NAMES[yardstick(dtype)]} matmul window as long as the block")
