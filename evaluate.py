@@ -57,6 +57,7 @@ def evaluate_converted(path: str | Path, out: str | Path, samples: int, batch: i
     from unimodal import metrics as M
     from unimodal.codecs import VAECodec
     from unimodal.convert import load_converted
+    from unimodal.sampling import row_generators
     from unimodal.visualize import save_image_grid, save_video_grid, to_uint8
     model, info = load_converted(path, device=device)
     out = Path(out)
@@ -64,10 +65,9 @@ def evaluate_converted(path: str | Path, out: str | Path, samples: int, batch: i
     codec = VAECodec(vae or info.sampling.get("vae_path"), device=device)
     n_cls = model.cfg.num_classes
     labels = torch.arange(samples) % n_cls
-    g = torch.Generator().manual_seed(0)
     decoded = []
-    for y in tqdm(labels.split(batch), desc="sampling"):
-        z = info.generate(model, y, cfg_scale=cfg_scale, steps=steps, generator=g)
+    for i, y in enumerate(tqdm(labels.split(batch), desc="sampling")):  # sample j from its own generator
+        z = info.generate(model, y, cfg_scale=cfg_scale, steps=steps, generator=row_generators(0, len(y), i * batch))
         decoded.append(to_uint8(codec.decode(z.to(device).float())))
     x = np.concatenate(decoded)  # (N, C, H, W) or (N, T, C, H, W)
     metrics: dict = {"samples": samples}

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from unimodal import data as D
 from unimodal.codecs import PixelCodec, VAECodec
 from unimodal.diffusion import LossConfig, sampling_scheduler, train_scheduler, training_loss
-from unimodal.sampling import SequenceSampler
+from unimodal.sampling import SequenceSampler, row_generators
 from unimodal.sequence import Image, PackSpec, Sample, pack
 from unimodal.visualize import save_image_grid, to_uint8
 
@@ -122,14 +122,15 @@ class ClassImageTask(Task):
 
     @torch.no_grad()
     def generate(self, model, labels: torch.Tensor, seed: int = 0, steps: int | None = None,
-                 cfg_scale: float | None = None) -> torch.Tensor:
-        """labels (N,) -> images (N, C, H, W) in [-1, 1]."""
+                 cfg_scale: float | None = None, first: int = 0) -> torch.Tensor:
+        """labels (N,) -> images (N, C, H, W) in [-1, 1]: samples first .. first + N - 1 of the set drawn with
+        this seed (each from its own generator, `row_generators`: the same image whatever the batch)."""
         t = self.tc
         C, H, W = self.latent_shape()
         n_tok = (H // self.spec.patch_size) * (W // self.spec.patch_size)
         s = SequenceSampler(model, self.spec, labels.shape[0], labels, cfg_scale if cfg_scale is not None else t.cfg_scale,
                             t.scheduler, steps or t.sample_steps, max_len=n_tok + 8,
-                            generator=torch.Generator().manual_seed(seed), precision=self.cfg.precision)
+                            generator=row_generators(seed, labels.shape[0], first), precision=self.cfg.precision)
         z = s.image(C, H, W, block=t.block)  # (N, C, H, W)
         return self.codec.decode(z.to(self.device).float()).clamp(-1, 1)
 
@@ -152,7 +153,7 @@ class ClassImageTask(Task):
         labels = torch.cat([grid_labels, torch.arange(n - g * g) % k]) if shared else torch.arange(n) % k
         imgs = []
         for i, chunk in enumerate(tqdm(labels.split(t.eval_batch), desc="sampling", leave=False)):
-            imgs.append(self.generate(model, chunk, seed=1000 + i).cpu())
+            imgs.append(self.generate(model, chunk, seed=1000, first=i * t.eval_batch).cpu())
         imgs = torch.cat(imgs)  # (n, C, H, W)
         grid = imgs[:g * g] if shared else self.generate(model, grid_labels, seed=7).cpu()
         grid_path = save_image_grid(grid, out_dir / "class_grid.png", nrow=g, scale=3)

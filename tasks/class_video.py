@@ -30,7 +30,7 @@ from tqdm import tqdm
 from unimodal import data as D
 from unimodal.codecs import PixelCodec, VAECodec
 from unimodal.diffusion import LossConfig, train_scheduler, training_loss
-from unimodal.sampling import SequenceSampler
+from unimodal.sampling import SequenceSampler, row_generators
 from unimodal.sequence import PackSpec, Sample, Video, pack
 from unimodal.visualize import save_video_grid, to_uint8
 
@@ -168,21 +168,22 @@ class ClassVideoTask(Task):
 
     @torch.no_grad()
     def generate(self, model, labels: torch.Tensor, seed: int = 0, frames: int | None = None,
-                 steps: int | None = None, cfg_scale: float | None = None) -> torch.Tensor:
-        """labels (N,) -> clips (N, T, C, H, W) in [-1, 1]; `frames` may exceed the training length."""
+                 steps: int | None = None, cfg_scale: float | None = None, first: int = 0) -> torch.Tensor:
+        """labels (N,) -> clips (N, T, C, H, W) in [-1, 1]; `frames` may exceed the training length. Samples
+        first .. first + N - 1 of the set drawn with this seed (one generator each, `row_generators`)."""
         t = self.tc
         T = frames or t.frames
         C, H, W = self.latent_shape()
         p = self.spec.patch_size
         s = SequenceSampler(model, self.sample_spec, labels.shape[0], labels,
                             t.cfg_scale if cfg_scale is None else cfg_scale, t.scheduler, steps or t.sample_steps,
-                            max_len=T * (H // p) * (W // p) + 8, generator=torch.Generator().manual_seed(seed),
+                            max_len=T * (H // p) * (W // p) + 8, generator=row_generators(seed, labels.shape[0], first),
                             precision=self.cfg.precision)
         z = s.video(T, C, H, W, t.frames_per_block)  # (N, T, C, H, W)
         return self.codec.decode(z.to(self.device).float()).clamp(-1, 1).cpu()
 
     def _sample_set(self, model, labels: torch.Tensor, seed: int, frames: int | None = None) -> torch.Tensor:
-        out = [self.generate(model, chunk, seed=seed + i, frames=frames)
+        out = [self.generate(model, chunk, seed=seed, frames=frames, first=i * self.tc.eval_batch)
                for i, chunk in enumerate(tqdm(labels.split(self.tc.eval_batch), desc="sampling", leave=False))]
         return torch.cat(out)  # (N, T, C, H, W)
 

@@ -15,6 +15,7 @@ the training mask instead (the cache's oracle, and the baseline of bench/samplin
 """
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -52,11 +53,33 @@ def bf16_linear_weights(model: ACDiT) -> dict[str, Tensor]:
     return {n: t.detach().to(torch.bfloat16) if n in cast else t.detach() for n, t in model.named_parameters()}
 
 
+def row_generators(seed: int, n: int, first: int = 0) -> list[torch.Generator]:
+    """One CPU generator for each of the samples first, ..., first + n - 1 of a set drawn with this seed: a
+    sample's noise depends on the seed and its index only, not on how the set is cut into batches."""
+    if first < 0:
+        raise ValueError(f"row_generators: first must be >= 0, got {first}")
+    return [torch.Generator().manual_seed(_row_seed(seed, first + i)) for i in range(n)]
+
+
+def _row_seed(seed: int, index: int) -> int:
+    """A 32-bit hash of (seed, index): a CPU generator's Mersenne Twister keeps only a seed's low 32 bits."""
+    return int.from_bytes(hashlib.blake2b(repr((seed, index)).encode(), digest_size=4).digest(), "little")
+
+
+def _noise(shape: tuple[int, ...], generator: torch.Generator | list[torch.Generator]) -> Tensor:
+    """Standard normal noise of this shape from one generator, or from one per leading row (a list)."""
+    if isinstance(generator, list):
+        return torch.stack([torch.randn(shape[1:], generator=g) for g in generator])  # (B, ...)
+    return torch.randn(shape, generator=generator)
+
+
 class SequenceSampler:
     def __init__(self, model: ACDiT, spec: PackSpec, batch: int, labels: Tensor | None = None,
                  cfg_scale: float = 1.0, scheduler: str = "dpm", steps: int = 25, max_len: int = 4096,
-                 generator: torch.Generator | None = None, mode: str = "cache", shared_cache: bool = True,
-                 on_pass=None, precision: str = "fp32"):
+                 generator: torch.Generator | list[torch.Generator] | None = None, mode: str = "cache",
+                 shared_cache: bool = True, on_pass=None, precision: str = "fp32"):
+        """generator: one for the batch, or one per row (`row_generators`): then row i's noise and sampled
+        tokens come from generator i alone, so a row's sample does not depend on the batch it is drawn in."""
         if mode not in ("cache", "recompute"):
             raise ValueError(f"mode must be 'cache' or 'recompute', got {mode!r}")
         self.model, self.spec, self.B = model, spec, batch
@@ -75,6 +98,10 @@ class SequenceSampler:
         self.cfg_scale = cfg_scale
         self.scheduler_kind, self.steps = scheduler, steps
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        if isinstance(self.generator, tuple):
+            self.generator = list(self.generator)
+        if isinstance(self.generator, list) and len(self.generator) != batch:
+            raise ValueError(f"{len(self.generator)} generators for a batch of {batch}: give one, or one per row")
         self.mode = mode
         precision = resolve_precision(precision, self.device)  # "auto": bf16 where the device computes it natively
         rows = batch if shared_cache else self.S * batch
@@ -193,7 +220,7 @@ class SequenceSampler:
         nb, bs, P = lay.values.shape
         sched = sampling_scheduler(self.scheduler_kind)
         for b in range(nb):
-            x = torch.randn((self.B, bs, P), generator=self.generator).to(self.device, torch.float32)  # (B, bs, P)
+            x = _noise((self.B, bs, P), self.generator).to(self.device, torch.float32)  # (B, bs, P)
             sched.set_timesteps(self.steps)
             for t in sched.timesteps:
                 xin = sched.scale_model_input(x, t)  # (B, bs, P)
@@ -277,7 +304,10 @@ class SequenceSampler:
                 tok = logits.argmax(-1)
             else:
                 probs = procs(None, logits).softmax(-1)
-                tok = torch.multinomial(probs, 1, generator=self.generator)[:, 0]
+                if isinstance(self.generator, list):  # (B,): row i drawn from generator i
+                    tok = torch.cat([torch.multinomial(p[None], 1, generator=g)[0] for p, g in zip(probs, self.generator)])
+                else:
+                    tok = torch.multinomial(probs, 1, generator=self.generator)[:, 0]  # (B,)
             if stop_t.numel():
                 tok = torch.where(done, stop_t[0], tok)
                 done |= torch.isin(tok, stop_t)
@@ -293,7 +323,8 @@ class SequenceSampler:
 
 def sample_images(model: ACDiT, spec: PackSpec, labels: Tensor, latent_shape: tuple[int, int, int], block=None,
                   cfg_scale: float = 1.0, steps: int = 25, scheduler: str = "dpm",
-                  generator: torch.Generator | None = None, mode: str = "cache", precision: str = "fp32") -> Tensor:
+                  generator: torch.Generator | list[torch.Generator] | None = None, mode: str = "cache",
+                  precision: str = "fp32") -> Tensor:
     """Class-conditional images: labels (B,) -> latents (B, C, H, W); precision as SequenceSampler's."""
     C, H, W = latent_shape
     n = (H // spec.patch_size) * (W // spec.patch_size)
@@ -304,7 +335,8 @@ def sample_images(model: ACDiT, spec: PackSpec, labels: Tensor, latent_shape: tu
 
 def sample_videos(model: ACDiT, spec: PackSpec, labels: Tensor, latent_shape: tuple[int, int, int, int],
                   frames_per_block: int = 1, cfg_scale: float = 1.0, steps: int = 25, scheduler: str = "dpm",
-                  generator: torch.Generator | None = None, mode: str = "cache", precision: str = "fp32") -> Tensor:
+                  generator: torch.Generator | list[torch.Generator] | None = None, mode: str = "cache",
+                  precision: str = "fp32") -> Tensor:
     """Class-conditional videos: labels (B,) -> latents (B, T, C, H, W); precision as SequenceSampler's."""
     T, C, H, W = latent_shape
     n = T * (H // spec.patch_size) * (W // spec.patch_size)
