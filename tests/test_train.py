@@ -119,6 +119,20 @@ def test_unknown_override_fails_with_the_valid_keys():
         load_config(ROOT / "configs/mnist_class_tiny.py", ["model.detph=3"])
 
 
+def test_overrides_take_each_field_as_its_type():
+    cfg = load_config(ROOT / "configs/mnist_class_tiny.py", ["out_dir=2024", "eval_at_end=false", "optim.lr=1e-3",
+                                                             "optim.betas=(0.9, 0.95)", "task.scheduler='ddim'"])
+    assert (cfg.out_dir, cfg.eval_at_end, cfg.optim.lr, cfg.optim.betas, cfg.task.scheduler) == \
+        ("2024", False, 1e-3, (0.9, 0.95), "ddim")
+    for bad, err, match in ((["steps=True"], TypeError, "'steps': expected int, got the boolean"),
+                            (["eval_at_end=maybe"], TypeError, "'eval_at_end': expected bool"),
+                            (["optim.betas=(0.9,)"], ValueError, "betas must be two numbers"),
+                            (["optim.decay_type=cosin"], ValueError, "decay_type must be one of"),
+                            (["optim.layer_decay=0"], ValueError, r"layer_decay must be in \(0, 1\]")):
+        with pytest.raises(err, match=match):
+            load_config(ROOT / "configs/mnist_class_tiny.py", bad)
+
+
 def test_auto_precision_is_bf16_only_where_bf16_matmuls_are_fast(tmp_path):
     """"auto" against a measurement: bf16 where a bf16 product is not several times slower than the
     fp32 one (native bf16), fp32 where it is (PyTorch's reference loop); the run records what ran."""

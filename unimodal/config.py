@@ -116,6 +116,9 @@ def rope_base(max_pos: int) -> int:
 
 # ----------------------------------------------------------------------------- training
 
+DECAY_TYPES = ("linear", "cosine", "1-sqrt")  # transformers' WSD decay shapes
+
+
 @dataclass
 class OptimConfig:
     lr: float = 3e-4
@@ -127,6 +130,22 @@ class OptimConfig:
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0  # 0 disables clipping
     layer_decay: float = 1.0  # layer-wise lr decay (MAE fine-tuning); 1 = off
+
+    def __post_init__(self) -> None:
+        bad = []
+        if not (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas)):
+            bad.append(f"betas must be two numbers in [0, 1), got {self.betas}")
+        if self.decay_type not in DECAY_TYPES:
+            bad.append(f"decay_type must be one of {DECAY_TYPES}, got {self.decay_type!r}")
+        for name in ("lr", "weight_decay", "warmup_steps", "min_lr_ratio", "grad_clip"):
+            if getattr(self, name) < 0:
+                bad.append(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if not 0 <= self.decay_frac <= 1:
+            bad.append(f"decay_frac must be in [0, 1], got {self.decay_frac}")
+        if not 0 < self.layer_decay <= 1:
+            bad.append(f"layer_decay must be in (0, 1], got {self.layer_decay}")
+        if bad:
+            raise ValueError("OptimConfig: " + "; ".join(bad))
 
 
 @dataclass
@@ -195,6 +214,9 @@ def replace_strict(obj: Any, **kw: Any) -> Any:
     return dataclasses.replace(obj, **kw)
 
 
+_BOOLS = {"true": True, "false": False, "yes": True, "no": False, "on": True, "off": False, "1": True, "0": False}
+
+
 def _parse_value(text: str) -> Any:
     try:
         return ast.literal_eval(text)
@@ -216,7 +238,7 @@ def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise KeyError(f"override {item!r}: {p!r} is a value, not a group")
-        node[path[-1]] = (_parse_value(text.strip()), key.strip())
+        node[path[-1]] = (_parse_value(text.strip()), key.strip(), text.strip())
     return _apply_tree(cfg, tree, "")
 
 
@@ -233,7 +255,13 @@ def _apply_tree(obj: Any, tree: dict, prefix: str) -> Any:
         if isinstance(sub, dict):
             changes[head] = _apply_tree(old, sub, prefix + head + ".")
             continue
-        value, full = sub
+        value, full, raw = sub
+        if isinstance(old, str):  # text fields take the text as written (out_dir=2024 is a name, not a number)
+            value = raw[1:-1] if len(raw) > 1 and raw[0] == raw[-1] and raw[0] in "'\"" else raw
+        if isinstance(old, bool) and isinstance(raw, str) and raw.lower() in _BOOLS:
+            value = _BOOLS[raw.lower()]
+        if isinstance(old, (int, float)) and not isinstance(old, bool) and isinstance(value, bool):
+            raise TypeError(f"override {full!r}: expected {type(old).__name__}, got the boolean {value!r}")
         if isinstance(old, tuple) and isinstance(value, list):
             value = tuple(value)
         if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
