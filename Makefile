@@ -24,7 +24,7 @@ test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
 
 demo: setup
-	$(BIN)/python train.py configs/mnist_class_tiny.py
+	$(BIN)/python train.py configs/mnist_class_tiny.py --overwrite
 
 bench: setup
 	$(BIN)/python bench/attention.py --readme

@@ -3,6 +3,7 @@
     python train.py configs/mnist_class_tiny.py                      # one process
     python train.py configs/mnist_class_tiny.py steps=200 optim.lr=1e-3 out_dir=runs/try
     python train.py configs/mnist_class_tiny.py --resume             # continue from out_dir's latest checkpoint
+    python train.py configs/mnist_class_tiny.py --overwrite          # start over where a run already saved
     torchrun --nproc_per_node 2 train.py configs/mnist_class_tiny.py # DDP over gloo on CPU (NCCL on GPUs)
     accelerate launch --num_processes 8 train.py configs/imagenet256_acdit_xl.py   # multi-GPU (DDP or FSDP)
 
@@ -10,8 +11,9 @@ Overrides are dotted `key=value` pairs checked against the config dataclasses: a
 fails. The loop: bf16 autocast (CPU too) over fp32 master weights, AdamW, a warmup-stable-decay
 schedule, gradient clipping, EMA; a progress bar with loss, tokens/s and ETA; TensorBoard logs
 and sample grids; atomic checkpoints (safetensors weights, optimizer, schedule, EMA, RNG, data
-position). A non-finite loss stops the run before the optimizer step, leaving the last good
-checkpoint untouched.
+position). A non-finite loss or gradient norm stops the run before the optimizer step, leaving
+the last good checkpoint untouched. A new run refuses an out_dir holding another run's checkpoints
+(--resume continues that run, --overwrite deletes it first).
 """
 from __future__ import annotations
 
@@ -42,6 +44,29 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+RUN_FILES = ("latest", "config.json", "log.jsonl", "tb", "samples", "eval")  # what a run writes besides step_*
+
+
+def claim_out_dir(out: Path, resume: bool, overwrite: bool, main: bool, accelerator) -> None:
+    """A new run starts only in an out_dir without another run's checkpoints (their pruning, `latest`, the
+    log and the TensorBoard events would mix with this run's); with `overwrite` the old run is deleted."""
+    found = ckpt.latest(out)
+    if resume or found is None:
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out} holds the checkpoints of another run (latest: {found.name}): pass --resume "
+                              f"to continue it, --overwrite to delete it and start over there, or choose another "
+                              f"out_dir")
+    if main:
+        import shutil
+        for p in [*out.glob("step_*"), *out.glob(".tmp_step_*"), *(out / n for n in RUN_FILES)]:
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+    accelerator.wait_for_everyone()
+
+
 def config_dict(cfg: TrainConfig) -> dict:
     d = dataclasses.asdict(cfg)
     d["task_type"] = type(cfg.task).__name__
@@ -61,24 +86,26 @@ def config_from_dict(d: dict) -> TrainConfig:
 
 
 def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
-    """One group, or per-layer groups with layer-wise lr decay (MAE): embeddings are layer 0,
-    transformer block i is layer i + 1, everything after the blocks is the top layer."""
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = cfg.optim.layer_decay
-    if decay >= 1.0:
-        return [{"params": [p for _, p in params], "lr": cfg.optim.lr}]
-    depth = cfg.model.depth
-    groups: dict[int, list] = {}
-    for n, p in params:
-        m = re.search(r"blocks\.(\d+)\.", n)
-        if m:
-            layer = int(m.group(1)) + 1
-        elif any(k in n for k in ("x_embedder", "t_embedder", "y_embedder", "tok_embedder")):
-            layer = 0
-        else:
-            layer = depth + 1
-        groups.setdefault(layer, []).append(p)
-    return [{"params": ps, "lr": cfg.optim.lr * decay ** (depth + 1 - layer)} for layer, ps in sorted(groups.items())]
+    """Parameter groups: weight decay only on matrices (no decay on biases, norm weights and embedding
+    tables, as MAE and GPT training do); with layer-wise lr decay (MAE), per layer too: embeddings are
+    layer 0, transformer block i is layer i + 1, everything after the blocks is the top layer."""
+    tables = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, torch.nn.Embedding)}
+    depth, decay = cfg.model.depth, cfg.optim.layer_decay
+    groups: dict[tuple[int, bool], list] = {}
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        layer = 0
+        if decay < 1.0:
+            m = re.search(r"blocks\.(\d+)\.", n)
+            if m:
+                layer = int(m.group(1)) + 1
+            elif not any(k in n for k in ("x_embedder", "t_embedder", "y_embedder", "tok_embedder")):
+                layer = depth + 1
+        groups.setdefault((layer, p.ndim >= 2 and n not in tables), []).append(p)
+    scale = (lambda layer: decay ** (depth + 1 - layer)) if decay < 1.0 else (lambda layer: 1.0)
+    return [{"params": ps, "lr": cfg.optim.lr * scale(layer),
+             "weight_decay": cfg.optim.weight_decay if wd else 0.0} for (layer, wd), ps in sorted(groups.items())]
 
 
 def token_count(batch) -> int:
@@ -86,7 +113,7 @@ def token_count(batch) -> int:
     return int((packed.doc >= 0).sum()) if hasattr(packed, "doc") else 0
 
 
-def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
+def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, overwrite: bool = False) -> dict:
     # find_unused_parameters: a text-only batch leaves the noise head and adaLN unused, an image-only one the
     # LM head, classification both (DDP's reducer otherwise stops at the next step)
     accelerator = Accelerator(mixed_precision="no", cpu=not torch.cuda.is_available(),
@@ -100,6 +127,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
     set_seed(cfg.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
     out = Path(cfg.out_dir)
+    claim_out_dir(out, resume, overwrite, main, accelerator)
     task = build_task(cfg, rank, world, device)
     model = task.build_model()
     if cfg.init_from:
@@ -108,8 +136,9 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
         if main and not quiet:
             print(f"initialised from {cfg.init_from}: {len(missing)} missing, {len(unexpected)} unexpected keys")
     model.to(device)
-    ema = EMAModel(model.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=3 / 4, foreach=True) \
-        if cfg.ema_decay > 0 else None
+    # warmup: diffusers' 1 - (1 + step)^-3/4 ramp, capped at ema_decay; else DiT's constant decay from step 1
+    ema = EMAModel(model.parameters(), decay=cfg.ema_decay, use_ema_warmup=cfg.ema_warmup, power=3 / 4,
+                   min_decay=0.0 if cfg.ema_warmup else cfg.ema_decay, foreach=True) if cfg.ema_decay > 0 else None
     opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                             weight_decay=cfg.optim.weight_decay, fused=device.type in ("cpu", "cuda"))
     sched = get_wsd_schedule(opt, num_warmup_steps=cfg.optim.warmup_steps,
@@ -173,13 +202,17 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
             finite = torch.tensor([float(torch.isfinite(loss.detach()).all())], device=device)
             finite = accelerator.reduce(finite, reduction="sum") if world > 1 else finite
             if float(finite) < world:
-                raise NonFiniteLoss(f"non-finite loss {float(loss):.4g} at step {step} (parts "
+                raise NonFiniteLoss(f"non-finite loss {float(loss.detach()):.4g} at step {step} (parts "
                                     f"{ {k: float(v) for k, v in parts.items()} }); stopping without an optimizer "
                                     f"step. The last good checkpoint is {ckpt.latest(out)}. Lower optim.lr, "
                                     f"check the data, or resume from it with --resume.")
             accelerator.backward(loss)
             gnorm = accelerator.clip_grad_norm_(train_model.parameters(), cfg.optim.grad_clip) \
                 if cfg.optim.grad_clip > 0 else torch.tensor(0.0)
+            if not math.isfinite(float(gnorm)):  # the norm of the synchronised gradients: the same on every rank
+                raise NonFiniteLoss(f"non-finite gradient norm at step {step} (loss {float(loss.detach()):.4g}); "
+                                    f"stopping without an optimizer step. The last good checkpoint is "
+                                    f"{ckpt.latest(out)}.")
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
@@ -213,6 +246,8 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
                 now = time.perf_counter()
                 per_step = (now - t_warm) / 12
                 fit = step + 1 + int(max(0.0, cfg.time_limit_min * 60 - (now - t_start)) / per_step)
+                if world > 1:  # every rank must stop at the same step: the slowest rank's count
+                    fit = int(accelerator.gather(torch.tensor([fit], device=device)).min())
                 if fit < total:
                     total = max(fit, step + 2)
                     cfg = dataclasses.replace(cfg, steps=total)
@@ -240,8 +275,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
             print(json.dumps(metrics, indent=2))
     if writer:
         writer.close()
-    accelerator.wait_for_everyone()
-    return result
+    return result  # no barrier after the main process's evaluation: the others would time out waiting
 
 
 def _refit_schedule(opt, sched, cfg: TrainConfig):
@@ -287,15 +321,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("config", help="a Python config file defining `config` (see configs/)")
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. steps=100 model.depth=4")
     ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="start a new run in an out_dir that holds another run's checkpoints, deleting that run")
     ap.add_argument("--quiet", action="store_true", help="no progress bar or prints")
     args = ap.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     keep_freed_memory()
     try:
-        train(cfg, resume=args.resume, quiet=args.quiet)
+        train(cfg, resume=args.resume, quiet=args.quiet, overwrite=args.overwrite)
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(3)
+    except FileExistsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

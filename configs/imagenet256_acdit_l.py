@@ -24,6 +24,7 @@ config = TrainConfig(
     global_batch=1024,
     precision="bf16",
     ema_decay=0.9999,
+    ema_warmup=False,  # the reference (DiT) keeps 0.9999 from the first step, the EMA starting as a copy
     log_every=100,
     ckpt_every=10_000,
     sample_every=10_000,

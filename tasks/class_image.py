@@ -130,7 +130,8 @@ class ClassImageTask(Task):
         n_tok = (H // self.spec.patch_size) * (W // self.spec.patch_size)
         s = SequenceSampler(model, self.spec, labels.shape[0], labels, cfg_scale if cfg_scale is not None else t.cfg_scale,
                             t.scheduler, steps or t.sample_steps, max_len=n_tok + 8,
-                            generator=row_generators(seed, labels.shape[0], first), precision=self.cfg.precision)
+                            generator=row_generators(seed, labels.shape[0], first),
+                            precision=self.cfg.precision)
         z = s.image(C, H, W, block=t.block)  # (N, C, H, W)
         return self.codec.decode(z.to(self.device).float()).clamp(-1, 1)
 

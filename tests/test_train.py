@@ -1,5 +1,6 @@
 """train.py: two processes equal one, resume equals an uninterrupted run, checkpoints survive
 crashes, non-finite losses stop the run, pickled payloads are refused; evaluate.py end to end."""
+import dataclasses
 import json
 import os
 import pickle
@@ -92,6 +93,79 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
     good = ckpt.latest(tmp_path)
     assert good.name == "step_0000002"
     assert all(torch.isfinite(v).all() for v in load_file(str(good / "model.safetensors")).values())
+
+
+def test_a_non_finite_gradient_stops_the_run_before_the_optimizer_step(tmp_path, monkeypatch):
+    import tasks.class_image as ci
+    real_loss = ci.ClassImageTask.loss
+    calls = {"n": 0}
+
+    def nan_grad_at_3(self, model, batch):
+        loss, parts = real_loss(self, model, batch)
+        calls["n"] += 1
+        if calls["n"] == 3:  # + sqrt(0 p): the value stays, the gradient is 0 * inf = nan
+            loss = loss + (next(model.parameters()).flatten()[:1] * 0).sum().sqrt()
+        return loss, parts
+    monkeypatch.setattr(ci.ClassImageTask, "loss", nan_grad_at_3)
+    with pytest.raises(train.NonFiniteLoss, match="non-finite gradient norm at step 2"):
+        train.train(tiny_cfg(tmp_path, "steps=6", "ckpt_every=2"), quiet=True)
+    good = ckpt.latest(tmp_path)
+    assert good.name == "step_0000002"
+    assert all(torch.isfinite(v).all() for v in load_file(str(good / "model.safetensors")).values())
+
+
+def test_a_new_run_refuses_an_out_dir_with_another_runs_checkpoints(tmp_path):
+    train.train(tiny_cfg(tmp_path, "steps=4", "ckpt_every=2", "keep_checkpoints=1"), quiet=True)
+    assert [p.name for p in tmp_path.glob("step_*")] == ["step_0000004"]
+    with pytest.raises(FileExistsError, match="holds the checkpoints of another run .*--resume.*--overwrite"):
+        train.train(tiny_cfg(tmp_path, "steps=2", "ckpt_every=1"), quiet=True)
+    assert ckpt.load_state(ckpt.latest(tmp_path))["step"] == 4  # untouched
+    train.train(tiny_cfg(tmp_path, "steps=2", "ckpt_every=1", "keep_checkpoints=1"), quiet=True, overwrite=True)
+    assert [p.name for p in tmp_path.glob("step_*")] == ["step_0000002"]  # the old run's step 4 is gone
+    assert len(losses(tmp_path)) == 2  # and so is its log
+    res = subprocess.run([sys.executable, str(ROOT / "train.py"), str(ROOT / "configs/mnist_class_tiny.py"),
+                          *TINY, f"out_dir={tmp_path}", "steps=1"], capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 2 and "--overwrite" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_pruning_keeps_the_checkpoint_just_written(tmp_path):
+    sd = {"w": torch.zeros(2)}
+    for step in (500, 1000):
+        ckpt.save(tmp_path, step, sd, {"step": step}, {}, keep=2)
+    (tmp_path / ".tmp_step_0000007_999999999").mkdir()  # a crashed save of a process that is gone
+    written = ckpt.save(tmp_path, 100, sd, {"step": 100}, {}, keep=2)
+    assert written.is_dir() and ckpt.latest(tmp_path) == written
+    assert not (tmp_path / ".tmp_step_0000007_999999999").exists()
+
+
+def test_ema_without_warmup_keeps_its_decay_from_the_first_step(tmp_path):
+    """ema_warmup=False (DiT): the EMA starts as a copy of the weights and then moves by a constant decay."""
+    train.train(tiny_cfg(tmp_path, "steps=2", "ckpt_every=1", "keep_checkpoints=2", "ema_decay=0.5",
+                         "ema_warmup=false"), quiet=True)
+    w1, e1 = (load_file(str(tmp_path / "step_0000001" / f)) for f in ("model.safetensors", "ema.safetensors"))
+    w2, e2 = (load_file(str(tmp_path / "step_0000002" / f)) for f in ("model.safetensors", "ema.safetensors"))
+    moved = [k for k in w1 if not torch.equal(w1[k], w2[k])]
+    assert moved
+    for k in w1:
+        assert torch.equal(e1[k], w1[k])
+        torch.testing.assert_close(e2[k], 0.5 * e1[k] + 0.5 * w2[k])
+
+
+def test_weight_decay_applies_to_matrices_only():
+    from unimodal.model import ACDiT
+    cfg = load_config(ROOT / "configs/mnist_finetune_tiny.py")
+    for layer_decay in (1.0, 0.75):
+        c = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, layer_decay=layer_decay))
+        model = ACDiT(c.model)
+        names = {id(p): n for n, p in model.named_parameters()}
+        groups = train.param_groups(model, c)
+        assert sum(len(g["params"]) for g in groups) == len(names)
+        for g in groups:
+            for p in g["params"]:
+                n = names[id(p)]
+                table = n.startswith(("y_embedder.", "tok_embedder."))
+                assert g["weight_decay"] == (c.optim.weight_decay if p.ndim == 2 and not table else 0.0), n
+        assert {g["weight_decay"] for g in groups} == {0.0, c.optim.weight_decay}
 
 
 class Payload:

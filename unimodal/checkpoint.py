@@ -82,11 +82,24 @@ def save(run_dir: str | Path, step: int, model_sd: dict, state: dict, config: di
     latest_tmp.write_text(final.name + "\n")
     os.replace(latest_tmp, run_dir / "latest")
     _fsync_dir(run_dir)
-    # keep the newest `keep` checkpoints
-    steps = sorted(p for p in run_dir.glob("step_*") if p.is_dir())
+    # keep the newest `keep` checkpoints up to this one (never this one, nor any of a later step)
+    steps = sorted(p for p in run_dir.glob("step_*") if p.is_dir() and p.name <= final.name)
     for old in steps[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
+    _remove_stale_temporaries(run_dir)
     return final
+
+
+def _remove_stale_temporaries(run_dir: Path) -> None:
+    """Removes the temporary directories of saves whose process no longer runs (a crash mid-save)."""
+    for tmp in run_dir.glob(".tmp_step_*_*"):
+        try:
+            pid = int(tmp.name.rsplit("_", 1)[1])
+            os.kill(pid, 0)  # raises if no such process
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except (ValueError, PermissionError):  # not ours to judge
+            pass
 
 
 def latest(run_dir: str | Path) -> Path | None:

@@ -158,6 +158,7 @@ class TrainConfig:
     seed: int = 0
     precision: str = "auto"  # bf16 autocast with fp32 master weights, fp32, or auto (`resolve_precision`)
     ema_decay: float = 0.9999
+    ema_warmup: bool = True  # diffusers' power-3/4 ramp up to ema_decay; False: ema_decay from step 1 (DiT)
     log_every: int = 10
     ckpt_every: int = 500  # 0: only at the end
     sample_every: int = 0  # 0: only at the end

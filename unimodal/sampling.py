@@ -305,7 +305,8 @@ class SequenceSampler:
             else:
                 probs = procs(None, logits).softmax(-1)
                 if isinstance(self.generator, list):  # (B,): row i drawn from generator i
-                    tok = torch.cat([torch.multinomial(p[None], 1, generator=g)[0] for p, g in zip(probs, self.generator)])
+                    tok = torch.cat([torch.multinomial(p[None], 1, generator=g)[0]
+                                     for p, g in zip(probs, self.generator)])
                 else:
                     tok = torch.multinomial(probs, 1, generator=self.generator)[:, 0]  # (B,)
             if stop_t.numel():
