@@ -97,6 +97,80 @@ def test_backends_match_naive_attention(backend, flex_backward_on_cpu):
             torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-5)
 
 
+def kernel_sized_layout(seed: int):
+    """Rows of 1-3 documents of text, images with blocks of 16 or 64 tokens (sizes the fused kernel takes)
+    and videos, padded at the end; half with the dead last clean block dropped."""
+    from unimodal.sequence import Image, Sample, Text, Video
+    rng = random.Random(seed)
+    samples = []
+    for _ in range(rng.randint(1, 3)):
+        segs = []
+        for _ in range(rng.randint(1, 3)):
+            kind = rng.choice(["text", "image", "video"])
+            if kind == "text":
+                segs.append(Text(torch.arange(rng.choice([3, 16, 20]))))
+            elif kind == "image":
+                grid = rng.choice([4, 8, 16])
+                block = rng.choice([b for b in (16, 64) if b <= grid * grid] + [None])
+                segs.append(Image(torch.randn(1, grid, grid), block=block))
+            else:
+                segs.append(Video(torch.randn(2, 1, 4, 4), frames_per_block=rng.choice([1, 2])))
+        samples.append(Sample(segs))
+    spec = PackSpec(drop_dead_clean=seed % 2 == 0)
+    lens = [len(pack([s], spec).tokens[0]) for s in samples]
+    return pack(samples, spec, max_len=max(lens) + sum(lens) // 2 + rng.choice([0, 1, 16, 33])).layout
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "block", "flex"])
+def test_backends_match_naive_attention_on_kernel_sized_blocks(backend, flex_backward_on_cpu, monkeypatch):
+    """Several documents per row, padding, dropped dead blocks, head dim 32: the block path's fused
+    kernel runs on these layouts (the groups above use blocks too small for it)."""
+    from unimodal import block_kernel
+    calls = []
+    forward = block_kernel.forward
+    monkeypatch.setattr(block_kernel, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    multi = 0
+    for seed in range(12):
+        lay = kernel_sized_layout(seed)
+        B, L = lay.shape
+        multi += int((lay.doc.amax(1) >= 1).sum())  # rows holding several documents
+        q, k, v = (torch.randn(B, 2, L, 32, requires_grad=True) for _ in range(3))
+        ref_mask = torch.stack([brute_force(lay.doc[b].tolist(), lay.step[b].tolist(), lay.noisy[b].tolist())
+                                for b in range(B)])[:, None]
+        ref = naive_attention(q, k, v, ref_mask)
+        out = attend(q, k, v, AttnContext(lay, None, None, backend))
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        g = torch.randn_like(out)
+        grads, refs = (torch.autograd.grad((x * g).sum(), (q, k, v)) for x in (out, ref))
+        for a, r in zip(grads, refs):
+            torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-5)
+    assert multi >= 4 and (len(calls) > 0) == (backend == "block" and block_kernel.available())
+
+
+def test_backend_dispatch_replaces_what_cannot_run_with_a_warning():
+    """A requested backend runs where it can; where it cannot (flex training on CPU, flash without CUDA and
+    flash-attn, block or flex for a cached pass on CUDA), the pass takes auto's choice and says so once."""
+    from unimodal import attention as A
+    from unimodal.config import ModelConfig
+    lay = kernel_sized_layout(1)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    auto_train = A.choose_backend("auto", lay, cpu, True, False)
+    A._REPLACED.clear()
+    with pytest.warns(UserWarning, match="'flex': FlexAttention has no backward on CPU"):
+        assert A.choose_backend("flex", lay, cpu, True, False) == auto_train
+    with torch.no_grad():
+        assert A.choose_backend("flex", lay, cpu, True, False) == "flex"  # no gradient: flex runs forward
+    assert A.choose_backend("flex", lay, cpu, False, False) == "flex"
+    if not A._has_flash():
+        with pytest.warns(UserWarning, match="'flash': needs CUDA and the flash-attn package"):
+            assert A.choose_backend("flash", lay, cpu, False, True) == "block"
+    assert A.choose_backend("flash", lay, cpu, True, False) == auto_train  # flash: cached passes only
+    with pytest.warns(UserWarning, match="'block': has no cached-pass path on cuda"):
+        assert A.choose_backend("block", lay, cuda, False, True) == "sdpa"
+    with pytest.raises(ValueError, match="attn_backend must be one of"):
+        ModelConfig(attn_backend="naive")
+
+
 @pytest.mark.parametrize("backend", ["sdpa", "block"])
 def test_backends_in_bf16_match_naive_attention(backend):
     """bf16 inputs (the autocast path): the block path's forward runs the kernel in bf16 and its

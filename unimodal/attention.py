@@ -9,13 +9,20 @@ Backends (all derive their masks from `masks.allowed`):
   "flash"  cached passes on CUDA (optional extra): flash_attn_with_kvcache over the committed cache,
            flash_attn_func over the pass's own tokens by query group, merged by log-sum-exp
            (fp16/bf16; any other case of a cached pass goes through SDPA)
-"auto" picks flex on CUDA and block (or sdpa when the layout has too many groups) on CPU.
+"auto" picks flex on CUDA; on CPU block, or sdpa when the rows of the batch differ (one block call per
+row was measured slower than one dense SDPA call: 0.55 vs 0.36 s per step of the mixed tiny config) or
+a row has more than MAX_BLOCK_GROUPS groups for ATen's kernels; flash for cached passes on CUDA where
+flash-attn is installed. A requested backend that cannot run a pass (flex training on CPU: no
+backward there; flash without CUDA and flash-attn; block or flex for a cached pass on CUDA) is
+replaced by what "auto" picks, with a warning once per case; flash serves cached passes only, and
+leaves the other passes to "auto" without a warning.
 """
 from __future__ import annotations
 
 import math
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -23,10 +30,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import block_kernel, masks
-from .config import rope_base
+from .config import ATTN_BACKENDS, rope_base
 from .masks import Layout
 
-BACKENDS = ("auto", "sdpa", "block", "flex", "flash")
+BACKENDS = ATTN_BACKENDS
 # above this many query groups per row that ATen's kernels take (a call each; the own kernel takes the rest
 # in one call) the block path falls back to dense SDPA
 MAX_BLOCK_GROUPS = 96
@@ -300,18 +307,41 @@ def _cached_split_attention(q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext, l
     return torch.lerp(o_new, o_c, w_c)  # (S*B, H, Lq, D): w_c o_c + (1 - w_c) o_new
 
 
+_REPLACED: set = set()  # the (requested, chosen, reason) cases warned about
+
+
+def _replace(requested: str, chosen: str, reason: str) -> str:
+    if (requested, chosen, reason) not in _REPLACED:
+        _REPLACED.add((requested, chosen, reason))
+        warnings.warn(f"attention backend {requested!r}: {reason}; these passes use {chosen!r}", stacklevel=3)
+    return chosen
+
+
 def choose_backend(requested: str, layout: Layout, device: torch.device, training: bool, cached: bool) -> str:
+    """The backend of one pass: the requested one where it can run that pass, else what "auto" picks."""
     if requested not in BACKENDS:
         raise ValueError(f"unknown attention backend {requested!r}; choose one of {BACKENDS}")
+    cuda = device.type == "cuda"
+    if requested == "flash" and not (cuda and _has_flash()):
+        auto = choose_backend("auto", layout, device, training, cached)
+        return _replace("flash", auto, f"needs CUDA and the flash-attn package (device {device.type}, flash-attn "
+                                       f"{'installed' if _has_flash() else 'not installed'})")
     if cached:
-        if requested == "flash" or (requested == "auto" and device.type == "cuda" and _has_flash()):
+        if requested == "flash" or (requested == "auto" and cuda and _has_flash()):
             return "flash"
-        return "block" if requested in ("auto", "block") and device.type == "cpu" else "sdpa"
-    if requested == "flash":
-        raise ValueError("the 'flash' backend serves cached decoding only")
+        if requested in ("auto", "block") and not cuda:
+            return "block"
+        if requested in ("block", "flex"):
+            return _replace(requested, "sdpa", f"has no cached-pass path on {device.type}")
+        return "sdpa"
+    if requested == "flash":  # it serves cached passes; the others take auto's choice
+        requested = "auto"
+    if requested == "flex" and not cuda and training and torch.is_grad_enabled():
+        return _replace("flex", choose_backend("auto", layout, device, training, cached),
+                        "FlexAttention has no backward on CPU")
     if requested != "auto":
         return requested
-    if device.type == "cuda":
+    if cuda:
         return "flex"
     if layout.rows_identical():
         groups = block_groups(layout.row(0))

@@ -36,6 +36,9 @@ PRESETS: dict[str, tuple[int, int, int]] = {
 }
 
 
+ATTN_BACKENDS = ("auto", "sdpa", "block", "flex", "flash")
+
+
 @dataclass
 class ModelConfig:
     depth: int = 6
@@ -63,7 +66,7 @@ class ModelConfig:
     rope_split: tuple[int, ...] = (2, 3, 3)
     rope_max_pos: tuple[int, ...] = (4096, 4096, 4096)
     rope_style: str = "paper"
-    # attention backend: "auto" | "sdpa" | "block" | "flex" | "naive"
+    # attention backend: one of ATTN_BACKENDS (unimodal/attention.py says what each is and what "auto" picks)
     attn_backend: str = "auto"
     gradient_checkpointing: bool = False
     # training and sampling passes run the attention-free parts of each block (norms, modulation,
@@ -102,6 +105,8 @@ class ModelConfig:
                              f"must have rope_axes={self.rope_axes} entries")
         if self.mlp_act not in ("gelu_tanh", "gelu"):
             raise ValueError(f"mlp_act must be 'gelu_tanh' or 'gelu', got {self.mlp_act!r}")
+        if self.attn_backend not in ATTN_BACKENDS:
+            raise ValueError(f"attn_backend must be one of {ATTN_BACKENDS}, got {self.attn_backend!r}")
         if self.rope_style not in ("paper", "reference"):
             raise ValueError(f"rope_style must be 'paper' or 'reference', got {self.rope_style!r}")
         half = self.head_dim // 2
@@ -299,5 +304,6 @@ def model_config_from_dict(d: dict) -> ModelConfig:
     return replace_strict(ModelConfig(), **d)
 
 
-__all__ = ["ModelConfig", "OptimConfig", "TrainConfig", "PRESETS", "rope_base", "replace_strict", "apply_overrides", "load_config",
+__all__ = ["ATTN_BACKENDS", "ModelConfig", "OptimConfig", "TrainConfig", "PRESETS", "rope_base", "replace_strict",
+           "apply_overrides", "load_config",
            "to_dict", "model_config_from_dict", "field", "dataclass"]
