@@ -85,14 +85,27 @@ class ClassImageTask(Task):
         kind, a, _ = self._load()
         return len(a)
 
-    def _examples(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    def _train_latents(self, idx: list[int], flip: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(latents (N, c, h, w) on the device, labels (N,)) of examples idx, each flipped horizontally where
+        `flip` (N,) says: the image before it is encoded (as DiT's RandomHorizontalFlip), or from a latent
+        cache its cached flipped latents (`latent_flip`), else the flipped latents."""
         kind, a, b = self._load()
         if kind == "array":
-            return a[idx], b[idx], False
-        rows = a[idx]
-        if "latent" in rows:
-            return torch.as_tensor(np.asarray(rows["latent"])), torch.as_tensor(np.asarray(rows["label"])), True
-        return torch.as_tensor(np.asarray(rows["image"])), torch.as_tensor(np.asarray(rows["label"])), False
+            x, y = a[idx], b[idx]  # uint8 (N, H, W), (N,)
+        else:
+            rows = a[idx]
+            y = torch.as_tensor(np.asarray(rows["label"]))
+            if "latent" in rows:
+                z = torch.as_tensor(np.asarray(rows["latent"]), dtype=torch.float32)  # (N, c, h, w)
+                if flip is not None:
+                    zf = torch.as_tensor(np.asarray(rows["latent_flip"]), dtype=torch.float32) \
+                        if "latent_flip" in rows else z.flip(-1)  # (N, c, h, w)
+                    z = torch.where(flip[:, None, None, None], zf, z)
+                return z.to(self.device), y
+            x = torch.as_tensor(np.asarray(rows["image"]))  # uint8 (N, [C,] H, W)
+        if flip is not None:
+            x = torch.where(flip.view(-1, *[1] * (x.ndim - 1)), x.flip(-1), x)
+        return self.encode(x), y
 
     @torch.no_grad()
     def encode(self, images_u8: torch.Tensor) -> torch.Tensor:
@@ -101,12 +114,9 @@ class ClassImageTask(Task):
 
     def batch(self, step: int):
         idx, pos = self.indices(step)
-        x, y, is_latent = self._examples(idx)
-        lat = x.float().to(self.device) if is_latent else self.encode(x)  # (N, c, h, w)
         gens = self.generators(step, pos)
-        if self.tc.hflip:
-            flip = torch.tensor([bool(torch.rand((), generator=g) < 0.5) for g in gens])
-            lat = torch.where(flip[:, None, None, None].to(lat.device), lat.flip(-1), lat)
+        flip = torch.tensor([bool(torch.rand((), generator=g) < 0.5) for g in gens]) if self.tc.hflip else None
+        lat, y = self._train_latents(idx, flip)  # (N, c, h, w), (N,)
         samples = [Sample([Image(lat[i].cpu(), block=self.tc.block)], label=int(y[i])) for i in range(len(idx))]
         return pack(samples, self.train_spec).to(self.device), gens
 

@@ -388,6 +388,44 @@ def test_cached_latents_equal_on_the_fly_encoding(tmp_path):
         data.load_latent_cache(tmp_path)
 
 
+def test_image_training_flips_images_before_encoding_or_takes_the_cached_flip(tmp_path):
+    """hflip in the image generation task: an image is flipped before the VAE encodes it (the VAE is not
+    flip-equivariant, so flipping its latents would be another augmentation); from a latent cache the
+    flipped example is the cached `latent_flip`."""
+    from diffusers import AutoencoderKL
+
+    from tasks import build_task
+    from unimodal.codecs import VAECodec
+    from unimodal.config import load_config
+
+    torch.manual_seed(0)
+    AutoencoderKL(in_channels=1, out_channels=1, latent_channels=4, block_out_channels=(8, 16, 16),
+                  down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                  layers_per_block=1, norm_num_groups=8, scaling_factor=0.5).save_pretrained(tmp_path / "vae")
+    out = tmp_path / "cache"
+    load_script("cache_latents").main(["--dataset", "mnist", "--split", "train", "--dataset-kw", '{"size": 32}',
+                                       "--codec", "vae", "--vae", str(tmp_path / "vae"), "--flip", "--limit", "8",
+                                       "--out", str(out)])
+    cached = data.load_latent_cache(out)[:8]
+    idx, flip = list(range(8)), torch.tensor([True, False] * 4)
+    codec = VAECodec(tmp_path / "vae")
+    x, labels = data.mnist_arrays("train")
+    pixels = data.image_batch(np.pad(x[:8], ((0, 0), (2, 2), (2, 2))))  # (8, 1, 32, 32)
+    want = torch.where(flip[:, None, None, None], codec.encode(pixels.flip(-1)), codec.encode(pixels))
+    assert float((codec.encode(pixels.flip(-1)) - codec.encode(pixels).flip(-1)).abs().max()) > 1e-2  # not equivariant
+    for dataset in ("mnist", str(out)):
+        cfg = load_config(ROOT / "configs/mnist_class_tiny.py", [f"task.dataset={dataset}", "task.codec=vae",
+                                                                 f"task.vae_path={tmp_path / 'vae'}", "task.hflip=true",
+                                                                 "task.image_size=32"])
+        z, y = build_task(cfg)._train_latents(idx, flip)
+        assert y.tolist() == labels[:8].tolist()
+        if dataset == "mnist":
+            torch.testing.assert_close(z, want, rtol=0, atol=1e-5)
+        else:
+            expect = np.where(flip[:, None, None, None].numpy(), cached["latent_flip"], cached["latent"])
+            assert np.array_equal(z.numpy(), expect)
+
+
 def test_cache_latents_skips_bad_images(tmp_path):
     root = tmp_path / "imgs"
     make_image_folder(root)
