@@ -24,7 +24,9 @@ class Task(abc.ABC):
     [s G, (s+1) G) of a stream of seeded per-epoch permutations, and rank r of W processes takes
     the r-th slice. Per-sample randomness (noise, timesteps, label drops, augmentation) comes
     from a generator seeded by (seed, step, position), so W processes draw exactly what one
-    process would, and a resumed run continues exactly where it stopped.
+    process would, and a resumed run continues exactly where it stopped. The exception is what mixes
+    samples within a batch (classification's mixup and cutmix): each process mixes its own share, as
+    timm does, so a run on W processes pairs other samples than a run on one.
     """
 
     def __init__(self, cfg: TrainConfig, rank: int = 0, world: int = 1, device="cpu"):
