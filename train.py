@@ -44,6 +44,10 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+class OutDirInUse(FileExistsError):
+    pass
+
+
 RUN_FILES = ("latest", "config.json", "log.jsonl", "tb", "samples", "eval")  # what a run writes besides step_*
 
 
@@ -54,7 +58,7 @@ def claim_out_dir(out: Path, resume: bool, overwrite: bool, main: bool, accelera
     if resume or found is None:
         return
     if not overwrite:
-        raise FileExistsError(f"{out} holds the checkpoints of another run (latest: {found.name}): pass --resume "
+        raise OutDirInUse(f"{out} holds the checkpoints of another run (latest: {found.name}): pass --resume "
                               f"to continue it, --overwrite to delete it and start over there, or choose another "
                               f"out_dir")
     if main:
@@ -153,6 +157,12 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, overwrite
         else:
             model.load_state_dict(ckpt.load_weights(last))
             state = ckpt.load_state(last)
+            saved_groups = len(state["optimizer"]["param_groups"])
+            if saved_groups != len(opt.param_groups):
+                raise ckpt.CheckpointError(
+                    f"{last}: its optimizer state has {saved_groups} parameter groups, this run builds "
+                    f"{len(opt.param_groups)} (weight decay and layer-wise lr decay set the grouping); start a new run "
+                    f"from its weights with init_from={last} instead of --resume")
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
             if ema is not None and (last / "ema.safetensors").exists():
@@ -332,7 +342,7 @@ def main(argv: list[str] | None = None) -> None:
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(3)
-    except FileExistsError as e:
+    except OutDirInUse as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

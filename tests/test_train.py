@@ -117,7 +117,7 @@ def test_a_non_finite_gradient_stops_the_run_before_the_optimizer_step(tmp_path,
 def test_a_new_run_refuses_an_out_dir_with_another_runs_checkpoints(tmp_path):
     train.train(tiny_cfg(tmp_path, "steps=4", "ckpt_every=2", "keep_checkpoints=1"), quiet=True)
     assert [p.name for p in tmp_path.glob("step_*")] == ["step_0000004"]
-    with pytest.raises(FileExistsError, match="holds the checkpoints of another run .*--resume.*--overwrite"):
+    with pytest.raises(train.OutDirInUse, match="holds the checkpoints of another run .*--resume.*--overwrite"):
         train.train(tiny_cfg(tmp_path, "steps=2", "ckpt_every=1"), quiet=True)
     assert ckpt.load_state(ckpt.latest(tmp_path))["step"] == 4  # untouched
     train.train(tiny_cfg(tmp_path, "steps=2", "ckpt_every=1", "keep_checkpoints=1"), quiet=True, overwrite=True)
@@ -126,6 +126,12 @@ def test_a_new_run_refuses_an_out_dir_with_another_runs_checkpoints(tmp_path):
     res = subprocess.run([sys.executable, str(ROOT / "train.py"), str(ROOT / "configs/mnist_class_tiny.py"),
                           *TINY, f"out_dir={tmp_path}", "steps=1"], capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 2 and "--overwrite" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_resuming_with_another_parameter_grouping_says_what_to_do(tmp_path):
+    train.train(tiny_cfg(tmp_path, "steps=2", "ckpt_every=2"), quiet=True)
+    with pytest.raises(ckpt.CheckpointError, match=r"2 parameter groups, this run builds \d+ .*init_from="):
+        train.train(tiny_cfg(tmp_path, "steps=4", "ckpt_every=2", "optim.layer_decay=0.75"), resume=True, quiet=True)
 
 
 def test_pruning_keeps_the_checkpoint_just_written(tmp_path):
