@@ -166,7 +166,9 @@ def test_backend_dispatch_replaces_what_cannot_run_with_a_warning():
             assert A.choose_backend("flash", lay, cpu, False, True) == "block"
     assert A.choose_backend("flash", lay, cpu, True, False) == auto_train  # flash: cached passes only
     with pytest.warns(UserWarning, match="'block': has no cached-pass path on cuda"):
-        assert A.choose_backend("block", lay, cuda, False, True) == "sdpa"
+        assert A.choose_backend("block", lay, cuda, False, True) == ("flash" if A._has_flash() else "sdpa")
+    with pytest.warns(UserWarning, match="'flex': has no cached-pass path on cpu"):
+        assert A.choose_backend("flex", lay, cpu, False, True) == "block"
     with pytest.raises(ValueError, match="attn_backend must be one of"):
         ModelConfig(attn_backend="naive")
 

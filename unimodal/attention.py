@@ -332,7 +332,8 @@ def choose_backend(requested: str, layout: Layout, device: torch.device, trainin
         if requested in ("auto", "block") and not cuda:
             return "block"
         if requested in ("block", "flex"):
-            return _replace(requested, "sdpa", f"has no cached-pass path on {device.type}")
+            return _replace(requested, choose_backend("auto", layout, device, training, cached),
+                            f"has no cached-pass path on {device.type}")
         return "sdpa"
     if requested == "flash":  # it serves cached passes; the others take auto's choice
         requested = "auto"
