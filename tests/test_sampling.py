@@ -214,7 +214,7 @@ def test_per_row_generators_make_a_sample_independent_of_its_batch(scheduler):
 
     img3, txt3 = draw([0, 1, 2], seed=5, first=0)
     img2, txt2 = draw([1, 2], seed=5, first=1)
-    assert torch.allclose(img3[1:], img2, atol=1e-5), float((img3[1:] - img2).abs().max())
+    assert torch.allclose(img3[1:], img2, rtol=1e-4, atol=1e-4), float((img3[1:] - img2).abs().max())  # batch rounding
     assert torch.equal(txt3[1:], txt2)
     other, other_txt = draw([1, 2], seed=6, first=1)
     assert float((other - img2).abs().max()) > 0.1 and not torch.equal(other_txt, txt2)
