@@ -86,26 +86,10 @@ class ClassImageTask(Task):
         return len(a)
 
     def _train_latents(self, idx: list[int], flip: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(latents (N, c, h, w) on the device, labels (N,)) of examples idx, each flipped horizontally where
-        `flip` (N,) says: the image before it is encoded (as DiT's RandomHorizontalFlip), or from a latent
-        cache its cached flipped latents (`latent_flip`), else the flipped latents."""
-        kind, a, b = self._load()
-        if kind == "array":
-            x, y = a[idx], b[idx]  # uint8 (N, H, W), (N,)
-        else:
-            rows = a[idx]
-            y = torch.as_tensor(np.asarray(rows["label"]))
-            if "latent" in rows:
-                z = torch.as_tensor(np.asarray(rows["latent"]), dtype=torch.float32)  # (N, c, h, w)
-                if flip is not None:
-                    zf = torch.as_tensor(np.asarray(rows["latent_flip"]), dtype=torch.float32) \
-                        if "latent_flip" in rows else z.flip(-1)  # (N, c, h, w)
-                    z = torch.where(flip[:, None, None, None], zf, z)
-                return z.to(self.device), y
-            x = torch.as_tensor(np.asarray(rows["image"]))  # uint8 (N, [C,] H, W)
-        if flip is not None:
-            x = torch.where(flip.view(-1, *[1] * (x.ndim - 1)), x.flip(-1), x)
-        return self.encode(x), y
+        """(latents (N, c, h, w) on the device, labels (N,)) of examples idx, flipped where `flip` (N,) says
+        (`data.flipped_examples`: images before encoding, a latent cache's latent_flip)."""
+        x, y, is_latent = D.flipped_examples(*self._load(), idx, flip)
+        return (x.to(self.device), y) if is_latent else (self.encode(x), y)
 
     @torch.no_grad()
     def encode(self, images_u8: torch.Tensor) -> torch.Tensor:

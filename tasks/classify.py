@@ -283,23 +283,8 @@ class ClassifyTask(Task):
         """Examples `idx` of a split -> (latents (N, c, h, w) on the device, labels (N,)). `flip` (N,)
         bool flips images before encoding; for a latent cache it takes the cached flipped latents,
         or flips the latents when none are cached."""
-        kind, a, b = self._load(split)
-        if kind == "array":
-            x, y = a[idx], b[idx]
-        else:
-            rows = a[idx]
-            y = torch.as_tensor(np.asarray(rows["label"]))
-            if "latent" in rows:
-                z = torch.as_tensor(np.asarray(rows["latent"]), dtype=torch.float32)  # (N, c, h, w)
-                if flip is not None:
-                    zf = torch.as_tensor(np.asarray(rows["latent_flip"]), dtype=torch.float32) \
-                        if "latent_flip" in rows else z.flip(-1)
-                    z = torch.where(flip[:, None, None, None], zf, z)
-                return z.to(self.device), y.long().to(self.device)
-            x = torch.as_tensor(np.asarray(rows["image"]))
-        if flip is not None:
-            x = torch.where(flip.view(-1, *[1] * (x.ndim - 1)), x.flip(-1), x)  # uint8 (N, [C,] H, W)
-        z = self.codec.encode(D.image_batch(x).to(self.device)).float()  # (N, c, h, w)
+        x, y, is_latent = D.flipped_examples(*self._load(split), idx, flip)
+        z = x.to(self.device) if is_latent else self.codec.encode(D.image_batch(x).to(self.device)).float()
         return z, y.long().to(self.device)
 
     def inputs(self, latents: Tensor) -> ModelInput:

@@ -119,6 +119,31 @@ def image_batch(x):
     return x[:, None] if x.ndim == 3 else x  # (N,C,H,W)
 
 
+def flipped_examples(kind: str, a, b, idx: list[int], flip=None):
+    """Examples idx of an (images, labels) array pair (kind "array") or of a dataset of images or a latent
+    cache -> (x, labels (N,), is_latent): uint8 images (N, [C,] H, W) or cached fp32 latents (N, c, h, w), each
+    flipped horizontally where `flip` (N,) bool says: the image (before any encoding, as DiT's
+    RandomHorizontalFlip), or the cache's `latent_flip` (the flipped image's latents; else the flipped latents)."""
+    import torch
+
+    if kind == "array":
+        x, y = a[idx], b[idx]
+    else:
+        rows = a[idx]
+        y = torch.as_tensor(np.asarray(rows["label"]))
+        if "latent" in rows:
+            z = torch.as_tensor(np.asarray(rows["latent"]), dtype=torch.float32)  # (N, c, h, w)
+            if flip is not None:
+                zf = torch.as_tensor(np.asarray(rows["latent_flip"]), dtype=torch.float32) \
+                    if "latent_flip" in rows else z.flip(-1)  # (N, c, h, w)
+                z = torch.where(flip[:, None, None, None], zf, z)
+            return z, y, True
+        x = torch.as_tensor(np.asarray(rows["image"]))  # uint8 (N, [C,] H, W)
+    if flip is not None:
+        x = torch.where(flip.view(-1, *[1] * (x.ndim - 1)), x.flip(-1), x)
+    return x, y, False
+
+
 def video_batch(x):
     """uint8 videos (N,T,H,W) or (N,T,H,W,3) -> float (N,T,C,H,W) in [-1, 1] for a codec."""
     x = to_unit(x)
