@@ -22,6 +22,7 @@ import dataclasses
 import json
 import math
 import re
+import shutil
 import sys
 import time
 import warnings
@@ -62,7 +63,6 @@ def claim_out_dir(out: Path, resume: bool, overwrite: bool, main: bool, accelera
                               f"to continue it, --overwrite to delete it and start over there, or choose another "
                               f"out_dir")
     if main:
-        import shutil
         for p in [*out.glob("step_*"), *out.glob(".tmp_step_*"), *(out / n for n in RUN_FILES)]:
             if p.is_dir():
                 shutil.rmtree(p)

@@ -19,6 +19,7 @@ leaves the other passes to "auto" without a warning.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
@@ -352,7 +353,9 @@ def choose_backend(requested: str, layout: Layout, device: torch.device, trainin
     return "sdpa"
 
 
+@functools.cache
 def _has_flash() -> bool:
+    """Whether flash-attn imports (once per process: choose_backend asks on every pass)."""
     try:
         import flash_attn  # noqa: F401
         return True
