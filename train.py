@@ -145,9 +145,8 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, overwrite
                    min_decay=0.0 if cfg.ema_warmup else cfg.ema_decay, foreach=True) if cfg.ema_decay > 0 else None
     opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                             weight_decay=cfg.optim.weight_decay, fused=device.type in ("cpu", "cuda"))
-    sched = get_wsd_schedule(opt, num_warmup_steps=cfg.optim.warmup_steps,
-                             num_decay_steps=int(cfg.optim.decay_frac * cfg.steps), num_training_steps=cfg.steps,
-                             decay_type=cfg.optim.decay_type, min_lr_ratio=cfg.optim.min_lr_ratio)
+    sched = _wsd(opt, cfg)
+    requested = cfg.steps  # `steps` as given; the total may be refitted to time_limit_min
     start = 0
     if resume:
         last = ckpt.latest(out)
@@ -163,6 +162,14 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, overwrite
                     f"{last}: its optimizer state has {saved_groups} parameter groups, this run builds "
                     f"{len(opt.param_groups)} (weight decay and layer-wise lr decay set the grouping); start a new run "
                     f"from its weights with init_from={last} instead of --resume")
+            # a total refitted to a time budget stands while `steps` is the one that run was given
+            saved_total, saved_req = state.get("total_steps"), state.get("requested_steps")
+            if saved_total and saved_req == requested and saved_total != cfg.steps:
+                cfg = dataclasses.replace(cfg, steps=int(saved_total))
+                sched = _wsd(opt, cfg)  # (before the optimizer's state: building it sets the groups' lr)
+                if main and not quiet:
+                    print(f"resumed run's schedule: {cfg.steps} steps, as refitted to its time budget "
+                          f"(steps={requested} as given; pass another steps= to change the total)")
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
             if ema is not None and (last / "ema.safetensors").exists():
@@ -195,6 +202,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, overwrite
             names = [n for n, _ in base.named_parameters()]
             ema_sd = dict(zip(names, ema.shadow_params)) if ema is not None else None
             state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
+                     "total_steps": total, "requested_steps": requested,
                      "ema_step": ema.optimization_step if ema is not None else 0, "rng": ckpt.rng_state(),
                      "data_position": step * cfg.global_batch, "world_size": world}
             ckpt.save(out, step, base.state_dict(), state, config_dict(cfg), ema_sd, keep=cfg.keep_checkpoints)
@@ -255,7 +263,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, overwrite
             if cfg.time_limit_min > 0 and step + 1 == start + 16:
                 now = time.perf_counter()
                 per_step = (now - t_warm) / 12
-                fit = step + 1 + int(max(0.0, cfg.time_limit_min * 60 - (now - t_start)) / per_step)
+                fit = _steps_in_budget(step + 1, cfg.time_limit_min * 60 - (now - t_start), per_step)
                 if world > 1:  # every rank must stop at the same step: the slowest rank's count
                     fit = int(accelerator.gather(torch.tensor([fit], device=device)).min())
                 if fit < total:
@@ -288,16 +296,25 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, overwrite
     return result  # no barrier after the main process's evaluation: the others would time out waiting
 
 
+def _steps_in_budget(done: int, seconds_left: float, per_step: float) -> int:
+    """The step count reached when the time left runs out at per_step seconds a step."""
+    return done + int(max(0.0, seconds_left) / per_step)
+
+
+def _wsd(opt, cfg: TrainConfig, last_epoch: int = -1):
+    """transformers' warmup-stable-decay schedule over cfg.steps."""
+    return get_wsd_schedule(opt, num_warmup_steps=cfg.optim.warmup_steps,
+                            num_decay_steps=int(cfg.optim.decay_frac * cfg.steps), num_training_steps=cfg.steps,
+                            decay_type=cfg.optim.decay_type, min_lr_ratio=cfg.optim.min_lr_ratio,
+                            last_epoch=last_epoch)
+
+
 def _refit_schedule(opt, sched, cfg: TrainConfig):
     """The same WSD schedule stretched to a new total, continuing from the current step."""
     done = sched.last_epoch
     for g in opt.param_groups:
         g["lr"] = g["initial_lr"]
-    new = get_wsd_schedule(opt, num_warmup_steps=cfg.optim.warmup_steps,
-                           num_decay_steps=int(cfg.optim.decay_frac * cfg.steps), num_training_steps=cfg.steps,
-                           decay_type=cfg.optim.decay_type, min_lr_ratio=cfg.optim.min_lr_ratio,
-                           last_epoch=done - 1)  # its first step lands on `done`
-    return new
+    return _wsd(opt, cfg, last_epoch=done - 1)  # its first step lands on `done`
 
 
 class ema_weights:

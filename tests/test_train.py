@@ -317,6 +317,37 @@ def test_time_budget_refit_continues_the_stretched_schedule_without_warnings(tmp
     assert lrs == pytest.approx(ref_lrs, rel=1e-12) and ref_lrs[-1] < ref_lrs[0]
 
 
+def test_a_resumed_run_keeps_the_total_its_time_budget_refitted(tmp_path, monkeypatch):
+    """A run refitted from 100 to 30 steps, killed at step 24 and resumed with the same command line,
+    continues the stretched schedule: the learning rates and losses of the uninterrupted run."""
+    monkeypatch.setattr(train, "_steps_in_budget", lambda done, left, per_step: 30)
+    args = ("steps=100", "time_limit_min=60", "ckpt_every=10", "optim.decay_frac=0.5")
+    full = train.train(tiny_cfg(tmp_path / "a", *args), quiet=True)["history"]
+    assert len(full) == 30 and full[-1]["lr"] < full[20]["lr"]
+
+    import tasks.class_image as ci
+    real_batch = ci.ClassImageTask.batch
+
+    def crash_at_24(self, step):
+        if step == 24:
+            raise KeyboardInterrupt("killed")
+        return real_batch(self, step)
+    monkeypatch.setattr(ci.ClassImageTask, "batch", crash_at_24)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(tiny_cfg(tmp_path / "b", *args), quiet=True)
+    monkeypatch.setattr(ci.ClassImageTask, "batch", real_batch)
+    assert ckpt.latest(tmp_path / "b").name == "step_0000020"
+    resumed = train.train(tiny_cfg(tmp_path / "b", *args), resume=True, quiet=True)["history"]
+    assert [r["step"] for r in resumed] == list(range(21, 31))
+    for a, b in zip(full[20:], resumed):
+        assert a["lr"] == pytest.approx(b["lr"], rel=1e-12)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7)
+    # another `steps` on the command line sets a new total
+    more = train.train(tiny_cfg(tmp_path / "b", "steps=34", "time_limit_min=0", "ckpt_every=10",
+                                "optim.decay_frac=0.5"), resume=True, quiet=True)["history"]
+    assert [r["step"] for r in more] == list(range(31, 35))
+
+
 def test_ckpt_every_zero_saves_at_the_end_only_and_bad_intervals_fail(tmp_path):
     train.train(tiny_cfg(tmp_path, "steps=3", "ckpt_every=0"), quiet=True)
     assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_0000003"]

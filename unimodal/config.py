@@ -171,7 +171,9 @@ class TrainConfig:
     out_dir: str = "runs/default"
     init_from: str = ""  # checkpoint directory whose weights initialise the model (fine-tuning, probes)
     eval_at_end: bool = True
-    time_limit_min: float = 0.0  # > 0: fit `steps` to this wall-time budget, measured after the first steps
+    # > 0: fit `steps` to this wall-time budget, measured after the first steps (the LR schedule stretched to
+    # the fitted total); a --resume keeps that total and fits what is left of it to a new budget
+    time_limit_min: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("steps", "global_batch", "log_every"):
