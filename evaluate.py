@@ -5,6 +5,13 @@
     python evaluate.py runs/mnist_class_tiny task.eval_samples=10000 task.fid=True   # Inception FID/IS/PR
     python evaluate.py ckpt/acdit-h-imagenet --samples 50000 --reference /data/imagenet/train   # converted official
 
+Under torchrun or accelerate launch, the processes share the sampling out (each writes its batches to
+<out>/.samples/, process 0 computes the metrics; the samples are those of one process), so that a
+50,000-sample FID set takes 1/W of the time; a killed evaluation run again with the same command makes
+only the batches that are missing:
+
+    torchrun --nproc_per_node 8 evaluate.py ckpt/acdit-xl-imagenet --samples 50000 --reference /data/imagenet/train
+
 What is measured is the task's: generation tasks write PNG grids (GIF/MP4 for video), an
 ADM-compatible samples.npz and metrics.json (MNIST classifier accuracy and Frechet distance,
 Inception FID / IS / precision / recall, FVD); classification writes top-1; text, perplexity.
@@ -15,26 +22,41 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from unimodal import checkpoint as ckpt
+from unimodal import shards
 from unimodal.config import apply_overrides, replace_strict, resolve_precision
+
+
+def launch(device: str) -> tuple[int, int, str]:
+    """(rank, world, device) of this process: under torchrun / accelerate launch (WORLD_SIZE > 1), accelerate
+    sets up the process group (gloo on CPU, NCCL on GPUs) and picks the device; else (0, 1, device)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import Accelerator
+        acc = Accelerator(cpu=device == "cpu")
+        return acc.process_index, acc.num_processes, str(acc.device)
+    return 0, 1, device
 
 
 def evaluate_run(path: str | Path, out: str | Path | None = None, ema: bool = True, quick: bool = False,
                  overrides: list[str] | None = None, device: str = "cpu") -> dict:
-    """Evaluate a checkpoint written by train.py."""
+    """Evaluate a checkpoint written by train.py; under a distributed launch, the metrics on process 0 and {}
+    on the others."""
     from tasks import build_task
     from train import config_from_dict
     c = ckpt.resolve(path)
     cfg = apply_overrides(config_from_dict(ckpt.load_config(c)), overrides or [])
+    rank, world, device = launch(device)
     cfg = replace_strict(cfg, precision=resolve_precision(cfg.precision, device))
-    task = build_task(cfg, 0, 1, device)
+    task = build_task(cfg, rank, world, device)
+    if rank != 0 and not task.sharded_eval:  # a task that does not share its evaluation out: process 0's
+        return {}
     model = task.build_model()
     use_ema = ema and (c / "ema.safetensors").is_file()
     missing, unexpected = model.load_state_dict(ckpt.load_weights(c, ema=use_ema), strict=False)
@@ -43,6 +65,8 @@ def evaluate_run(path: str | Path, out: str | Path | None = None, ema: bool = Tr
     model.to(device).eval()
     out = Path(out) if out else c / ("eval_ema" if use_ema else "eval")
     metrics = task.evaluate(model, out, quick=quick)
+    if rank != 0:
+        return {}
     metrics["checkpoint"], metrics["weights"] = str(c), "ema" if use_ema else "model"
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     return metrics
@@ -59,17 +83,24 @@ def evaluate_converted(path: str | Path, out: str | Path, samples: int, batch: i
     from unimodal.convert import load_converted
     from unimodal.sampling import row_generators
     from unimodal.visualize import save_image_grid, save_video_grid, to_uint8
+    rank, world, device = launch(device)
     model, info = load_converted(path, device=device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     codec = VAECodec(vae or info.sampling.get("vae_path"), device=device)
     n_cls = model.cfg.num_classes
     labels = torch.arange(samples) % n_cls
-    decoded = []
-    for i, y in enumerate(tqdm(labels.split(batch), desc="sampling")):  # sample j from its own generator
-        z = info.generate(model, y, cfg_scale=cfg_scale, steps=steps, generator=row_generators(0, len(y), i * batch))
-        decoded.append(to_uint8(codec.decode(z.to(device).float())))
-    x = np.concatenate(decoded)  # (N, C, H, W) or (N, T, C, H, W)
+
+    def make(first: int, count: int) -> np.ndarray:  # sample j from its own generator
+        z = info.generate(model, labels[first:first + count], cfg_scale=cfg_scale, steps=steps,
+                          generator=row_generators(0, count, first))
+        return to_uint8(codec.decode(z.to(device).float()))
+
+    tag = shards.weights_tag(model, samples=samples, cfg_scale=cfg_scale, steps=steps, vae=codec.path,
+                             sampling=info.sampling)
+    x = shards.sample_set(make, samples, batch, out, tag)  # (N, C, H, W) or (N, T, C, H, W), on process 0
+    if x is None:
+        return {}
     metrics: dict = {"samples": samples}
     if x.ndim == 4:
         np.savez(out / "samples.npz", arr_0=x.transpose(0, 2, 3, 1), labels=labels.numpy())
@@ -125,7 +156,8 @@ def main(argv: list[str] | None = None) -> None:
     except (ckpt.CheckpointError, FileNotFoundError, KeyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(json.dumps(m, indent=2, default=str))
+    if shards.rank_world()[0] == 0:
+        print(json.dumps(m, indent=2, default=str))
 
 
 if __name__ == "__main__":

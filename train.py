@@ -281,9 +281,10 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, overwrite
         if log_f:
             log_f.close()
     result = {"history": history, "out_dir": str(out)}
-    if cfg.eval_at_end and main:
+    if cfg.eval_at_end and (main or task.sharded_eval):
         with ema_weights(model, ema):
             metrics = task.evaluate(model.eval(), out / "eval", quick=False)
+    if cfg.eval_at_end and main:
         result["eval"] = metrics
         if writer:
             for k, v in metrics.items():
@@ -293,7 +294,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, overwrite
             print(json.dumps(metrics, indent=2))
     if writer:
         writer.close()
-    return result  # no barrier after the main process's evaluation: the others would time out waiting
+    return result  # no barrier after process 0's metrics: the others would time out waiting
 
 
 def _steps_in_budget(done: int, seconds_left: float, per_step: float) -> int:

@@ -29,6 +29,10 @@ class Task(abc.ABC):
     timm does, so a run on W processes pairs other samples than a run on one.
     """
 
+    # evaluate() runs on every process of a distributed launch, sharing the work out: process 0 returns the
+    # metrics, the others {}. Otherwise process 0 alone evaluates.
+    sharded_eval: bool = False
+
     def __init__(self, cfg: TrainConfig, rank: int = 0, world: int = 1, device="cpu"):
         self.cfg, self.rank, self.world = cfg, rank, world
         self.device = torch.device(device)

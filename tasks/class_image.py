@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from unimodal import data as D
+from unimodal import shards
 from unimodal.codecs import PixelCodec, VAECodec
 from unimodal.diffusion import LossConfig, sampling_scheduler, train_scheduler, training_loss
 from unimodal.sampling import SequenceSampler, row_generators
@@ -50,6 +50,8 @@ class ClassImageConfig:
 
 
 class ClassImageTask(Task):
+    sharded_eval = True
+
     def __init__(self, cfg, rank=0, world=1, device="cpu"):
         super().__init__(cfg, rank, world, device)
         t = self.tc = cfg.task
@@ -146,13 +148,15 @@ class ClassImageTask(Task):
         # the grid's digits are the first evaluation samples when the classes allow it
         shared = k == g and n >= g * g
         labels = torch.cat([grid_labels, torch.arange(n - g * g) % k]) if shared else torch.arange(n) % k
-        imgs = []
-        for i, chunk in enumerate(tqdm(labels.split(t.eval_batch), desc="sampling", leave=False)):
-            imgs.append(self.generate(model, chunk, seed=1000, first=i * t.eval_batch).cpu())
-        imgs = torch.cat(imgs)  # (n, C, H, W)
-        grid = imgs[:g * g] if shared else self.generate(model, grid_labels, seed=7).cpu()
-        grid_path = save_image_grid(grid, out_dir / "class_grid.png", nrow=g, scale=3)
-        u8 = to_uint8(imgs)  # (n, C, H, W)
+        # batches shared among the processes of a distributed launch; process 0 goes on with the whole set
+        tag = shards.weights_tag(model, task=dataclasses.asdict(t), precision=self.cfg.precision, n=n, seed=1000)
+        u8 = shards.sample_set(
+            lambda first, count: to_uint8(self.generate(model, labels[first:first + count], seed=1000, first=first)),
+            n, t.eval_batch, out_dir, tag)  # (n, C, H, W) uint8
+        if u8 is None:
+            return {}
+        grid = torch.from_numpy(u8[:g * g]).float() / 127.5 - 1 if shared else self.generate(model, grid_labels, seed=7)
+        grid_path = save_image_grid(grid.cpu(), out_dir / "class_grid.png", nrow=g, scale=3)
         np.savez(out_dir / "samples.npz", arr_0=u8.transpose(0, 2, 3, 1), labels=labels.numpy())  # ADM layout NHWC
         metrics: dict = {"samples": n, "class_grid": str(grid_path)}
         if t.dataset == "mnist":

@@ -17,6 +17,7 @@ clips: slow on CPU, needs >= 9 frames; frames are resized to 224 by the metric.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from unimodal import data as D
+from unimodal import shards
 from unimodal.codecs import PixelCodec, VAECodec
 from unimodal.diffusion import LossConfig, train_scheduler, training_loss
 from unimodal.sampling import SequenceSampler, row_generators
@@ -69,6 +71,8 @@ class ClassVideoConfig:
 
 
 class ClassVideoTask(Task):
+    sharded_eval = True
+
     def __init__(self, cfg, rank=0, world=1, device="cpu"):
         super().__init__(cfg, rank, world, device)
         t = self.tc = cfg.task
@@ -209,10 +213,16 @@ class ClassVideoTask(Task):
         k = t.num_classes
         g = min(k, 10)
         labels = torch.arange(n) % k
-        videos = self._sample_set(model, labels, seed=1000)  # (n, T, C, H, W)
+        # batches shared among the processes of a distributed launch; process 0 goes on with the whole set
+        tag = shards.weights_tag(model, task=dataclasses.asdict(t), precision=self.cfg.precision, n=n, seed=1000)
+        u8 = shards.sample_set(
+            lambda first, count: to_uint8(self.generate(model, labels[first:first + count], seed=1000, first=first)),
+            n, t.eval_batch, out_dir, tag)  # (n, T, C, H, W) uint8
+        if u8 is None:
+            return {}
         shown = (labels < g).nonzero().flatten()[: g * 10]  # rows of classes 0..g-1, one column per class
-        self._save_grid(videos[shown], out_dir, "videos", nrow=g)
-        u8 = to_uint8(videos).transpose(0, 1, 3, 4, 2)  # (n, T, H, W, C)
+        self._save_grid(torch.from_numpy(u8[shown.numpy()]).float() / 127.5 - 1, out_dir, "videos", nrow=g)
+        u8 = u8.transpose(0, 1, 3, 4, 2)  # (n, T, H, W, C)
         np.savez(out_dir / "samples.npz", videos=u8, labels=labels.numpy())
         metrics: dict = {"samples": n, "frames": t.frames}
         if self.moving_mnist:

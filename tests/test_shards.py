@@ -1,0 +1,104 @@
+"""Evaluation shared among processes: two processes (torchrun, gloo) sample the set one process samples,
+and a killed evaluation made again makes only its missing batches."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate
+import train
+from unimodal import shards
+from unimodal.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["model.depth=2", "model.hidden_size=64", "model.num_heads=1", "global_batch=4", "log_every=1",
+        "eval_at_end=False", "optim.warmup_steps=0", "ema_decay=0.0", "precision=fp32", "steps=2", "ckpt_every=2"]
+
+
+def trained(config: str, out: Path, *extra: str) -> Path:
+    cfg = load_config(ROOT / f"configs/{config}.py", TINY + [f"out_dir={out}", *extra])
+    train.train(cfg, quiet=True)
+    return out
+
+
+def test_sample_set_makes_only_the_batches_a_killed_run_left_missing(tmp_path):
+    calls = []
+
+    def make(first, count):  # a stand-in sampler: sample j is (j, j^2)
+        calls.append(first)
+        if first == 6 and len(calls) < 10:
+            raise KeyboardInterrupt("killed")
+        j = np.arange(first, first + count)
+        return np.stack([j, j ** 2], 1)
+
+    with pytest.raises(KeyboardInterrupt):
+        shards.sample_set(make, 11, 3, tmp_path, "tag")
+    assert calls == [0, 3, 6]
+    calls += [None] * 7  # the next call at 6 succeeds
+    out = shards.sample_set(make, 11, 3, tmp_path, "tag")
+    assert calls[10:] == [6, 9]  # batches 0 and 3 were on disk
+    j = np.arange(11)
+    assert np.array_equal(out, np.stack([j, j ** 2], 1))
+    assert not (tmp_path / ".samples" / "tag").exists()  # removed once the set is whole
+    with pytest.raises(ValueError, match="batch"):
+        shards.sample_set(make, 11, 0, tmp_path, "tag")
+
+
+def test_the_tag_follows_the_weights_and_the_settings():
+    net = torch.nn.Linear(3, 2)
+    a = shards.weights_tag(net, steps=25)
+    assert a == shards.weights_tag(net, steps=25)
+    assert a != shards.weights_tag(net, steps=50)
+    with torch.no_grad():
+        net.bias[0] += 1e-6
+    assert a != shards.weights_tag(net, steps=25)
+
+
+def test_a_killed_evaluation_resumes_to_the_set_of_an_uninterrupted_one(tmp_path, monkeypatch):
+    run = trained("mnist_class_tiny", tmp_path / "run")
+    flags = ["task.eval_samples=6", "task.eval_batch=2", "task.sample_steps=2"]
+    whole = evaluate.evaluate_run(run, tmp_path / "whole", overrides=flags)
+    import tasks.class_image as ci
+    real = ci.ClassImageTask.generate
+    made = []
+
+    def killed_at_the_third(self, model, labels, seed=0, steps=None, cfg_scale=None, first=0):
+        made.append((first, len(labels)))
+        if first == 4 and made.count((4, 2)) == 1:
+            raise KeyboardInterrupt("killed")
+        return real(self, model, labels, seed=seed, steps=steps, cfg_scale=cfg_scale, first=first)
+    monkeypatch.setattr(ci.ClassImageTask, "generate", killed_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.evaluate_run(run, tmp_path / "part", overrides=flags)
+    again = evaluate.evaluate_run(run, tmp_path / "part", overrides=flags)
+    assert [m for m in made if m[1] == 2] == [(0, 2), (2, 2), (4, 2), (4, 2)]  # the grid besides
+    with np.load(tmp_path / "whole/samples.npz") as a, np.load(tmp_path / "part/samples.npz") as b:
+        assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["labels"], b["labels"])
+    assert again["class_accuracy"] == whole["class_accuracy"]
+
+
+@pytest.mark.parametrize("config", ["mnist_class_tiny", "moving_mnist_video_tiny"])
+def test_two_processes_evaluate_the_set_of_one(tmp_path, config):
+    run = trained(config, tmp_path / "run")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    args = [str(run), "--samples", "5", "--batch", "2", "--steps", "2", "task.extend_frames=0"
+            if config.startswith("moving") else "task.hflip=False"]
+    one = subprocess.run([sys.executable, "evaluate.py", *args, "--out", str(tmp_path / "one")],
+                         cwd=ROOT, env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29523", "evaluate.py", *args, "--out", str(tmp_path / "two")],
+                         cwd=ROOT, env=env, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count('"samples": 5') == 1  # process 0 prints the metrics, once
+    with np.load(tmp_path / "one/samples.npz") as a, np.load(tmp_path / "two/samples.npz") as b:
+        assert sorted(a.files) == sorted(b.files)
+        for k in a.files:
+            assert np.array_equal(a[k], b[k]), k
+    m1, m2 = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
+    assert {k: v for k, v in m1.items() if k != "class_grid"} == {k: v for k, v in m2.items() if k != "class_grid"}
