@@ -154,6 +154,9 @@ def test_tf1_resize_matches_the_grid_sample_emulation():
     # downsampling: output pixel j reads input pixel j * 2 exactly
     y = torch.arange(16.0).reshape(1, 1, 4, 4)
     assert M.resize_bilinear_tf1(y, (2, 2)).flatten().tolist() == [0.0, 2.0, 8.0, 10.0]
+    # it works where the images are (Inception moves them to its device before resizing)
+    z = M.resize_bilinear_tf1(torch.empty(2, 3, 28, 37, device="meta"), (299, 299))
+    assert z.device.type == "meta" and z.shape == (2, 3, 299, 299)
 
 
 def test_fvd_preprocess():

@@ -134,7 +134,7 @@ def resize_bilinear_tf1(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if (h, w) == tuple(size):
         return x
     for axis, (n_in, n_out) in ((-2, (h, size[0])), (-1, (w, size[1]))):
-        src = torch.arange(n_out, dtype=torch.float64) * (n_in / n_out)  # (n_out,)
+        src = torch.arange(n_out, dtype=torch.float64, device=x.device) * (n_in / n_out)  # (n_out,)
         lo = src.floor().long().clamp(max=n_in - 1)
         hi = (lo + 1).clamp(max=n_in - 1)
         frac = (src - lo).to(x.dtype)
