@@ -266,11 +266,28 @@ class ClassifyTask(Task):
                 self._splits[split] = ("array", torch.from_numpy(x), torch.from_numpy(y))
             else:
                 ds_split = "train" if split == "train" else t.test_split
+                if split != "train" and Path(name, "meta.json").exists() and Path(name).resolve() == Path(t.dataset).resolve():
+                    raise D.DataError(f"task.dataset {t.dataset} is a latent cache, which holds one split: set "
+                                      f"task.test_dataset to a latent cache of the {t.test_split} split")
                 ds = D.build_dataset(name, ds_split, **({} if Path(name, "meta.json").exists() else {"size": t.image_size}))
+                if split != "train":
+                    self._check_held_out(name, ds)
                 if limit:
                     ds = ds.select(range(min(limit, len(ds))))
                 self._splits[split] = ("dataset", ds, None)
         return self._splits[split]
+
+    def _check_held_out(self, name: str, test) -> None:
+        """Refuses a test set that shares images with the training set (an ImageFolder root without a
+        <test_split> folder is read whole as the test split)."""
+        t = self.tc
+        fix = f"set task.test_dataset to the {t.test_split} images (a folder of their own)"
+        train = self._load("train")
+        if train[0] == "dataset" and "path" in train[1].column_names and "path" in test.column_names:
+            shared = set(train[1]["path"]) & set(test["path"])
+            if shared:
+                raise D.DataError(f"the test set ({name}, split {t.test_split!r}) has {len(shared)} of its "
+                                  f"{len(test)} images in the training set ({t.dataset}), e.g. {sorted(shared)[0]}; {fix}")
 
     def dataset_size(self) -> int:
         return len(self._load("train")[1])

@@ -223,6 +223,31 @@ def test_tiny_configs_train_and_evaluate(tmp_path):
         assert (out / "step_0000002" / "model.safetensors").is_file()
 
 
+def test_a_test_split_that_is_the_training_set_is_refused(tmp_path):
+    """An image folder without a <test_split> folder is read whole as the test split: the task refuses
+    it, naming the fix; with train/ and val/ folders it loads."""
+    from PIL import Image as PILImage
+    from tasks import build_task
+    from unimodal.data import DataError
+
+    def folder(root, n):
+        for c in ("cat", "dog"):
+            (root / c).mkdir(parents=True)
+            for i in range(n):
+                PILImage.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(root / c / f"{i}.png")
+    folder(tmp_path / "flat", 2)
+    cfg = load_config("configs/mnist_finetune_tiny.py",
+                      [f"task.dataset={tmp_path / 'flat'}", "task.test_split=val", "task.image_size=8"])
+    with pytest.raises(DataError, match="test_dataset"):
+        build_task(cfg).split_size("test")
+    folder(tmp_path / "split" / "train", 3)
+    folder(tmp_path / "split" / "val", 1)
+    cfg = load_config("configs/mnist_finetune_tiny.py",
+                      [f"task.dataset={tmp_path / 'split'}", "task.test_split=val", "task.image_size=8"])
+    task = build_task(cfg)
+    assert (task.dataset_size(), task.split_size("test")) == (6, 2)
+
+
 def test_imagenet_configs_build():
     from tasks import build_task
     for name in ("imagenet256_finetune_acdit_l", "imagenet256_probe_acdit_l"):

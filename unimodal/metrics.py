@@ -10,8 +10,9 @@ Videos: the Kinetics-400 I3D of unimodal.i3d; FVD preprocessing is the same bili
 
 Statistics follow ADM's evaluator (Dhariwal & Nichol 2021): the Frechet distance (the value of
 its scipy.linalg.sqrtm formula, computed with symmetric eigendecompositions), precision/recall of
-Kynkaenniemi et al. 2019 with k = 3, the Inception Score over 10 splits (torchmetrics'
-InceptionScore on the logits).
+Kynkaenniemi et al. 2019 with k = 3, the Inception Score over 10 splits (improved-gan's formula).
+Reference statistics are summed in float64 batch by batch, over a whole training set if need be,
+or read from an ADM reference batch (`adm_reference`).
 
     net = InceptionFeatures()                          # or InceptionFeatures("inception-2015-12-05.pt")
     ref = reference_stats(net, real_uint8_nhwc, key="imagenet256-train")   # cached .npz
@@ -21,8 +22,8 @@ InceptionScore on the logits).
 from __future__ import annotations
 
 import hashlib
+import math
 import os
-import warnings
 from pathlib import Path
 from typing import Iterable
 
@@ -43,6 +44,27 @@ def feature_stats(features: Array) -> tuple[np.ndarray, np.ndarray]:
     if f.ndim != 2 or f.shape[0] < 2:
         raise ValueError(f"features must be (N, D) with N >= 2, got shape {f.shape}")
     return f.mean(axis=0), np.cov(f, rowvar=False)
+
+
+class Moments:
+    """Mean and unbiased covariance of (N, D) features given in batches (float64 sums)."""
+
+    def __init__(self):
+        self.n, self.s1, self.s2 = 0, None, None
+
+    def add(self, f: Array) -> None:
+        f = _np(f).astype(np.float64)  # (B, D)
+        if self.s1 is None:
+            self.s1, self.s2 = np.zeros(f.shape[1]), np.zeros((f.shape[1], f.shape[1]))
+        self.n += len(f)
+        self.s1 += f.sum(0)
+        self.s2 += f.T @ f
+
+    def stats(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.n < 2:
+            raise ValueError(f"moments of {self.n} feature rows: need at least 2")
+        mu = self.s1 / self.n
+        return mu, (self.s2 - self.n * np.outer(mu, mu)) / (self.n - 1)
 
 
 def frechet_distance(mu1: Array, sigma1: Array, mu2: Array, sigma2: Array) -> float:
@@ -72,25 +94,21 @@ def fid_from_features(features1: Array, features2: Array) -> float:
     return frechet_distance(*feature_stats(features1), *feature_stats(features2))
 
 
-def inception_score(logits: Array, splits: int = 10, seed: int = 0) -> tuple[float, float]:
-    """Inception Score (Salimans et al. 2016) of (N, C) classifier logits: mean and std over splits.
-
-    torchmetrics' InceptionScore on precomputed logits; it shuffles before splitting, with a
-    generator seeded by `seed` here so that the result is reproducible.
-    """
-    from torchmetrics.image.inception import InceptionScore
-
+def inception_score(logits: Array, splits: int = 10) -> tuple[float, float]:
+    """Inception Score (Salimans et al. 2016) of (N, C) classifier logits: the mean and the (population)
+    standard deviation over `splits` consecutive slices, exp E_x KL(p(y|x) || p(y)) in each, as
+    improved-gan's and ADM's evaluators compute it."""
     x = torch.as_tensor(_np(logits), dtype=torch.float64)
-    if x.ndim != 2 or x.shape[0] < splits:
-        raise ValueError(f"logits must be (N, C) with N >= splits={splits}, got shape {tuple(x.shape)}")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
-        metric = InceptionScore(feature=torch.nn.Identity(), splits=splits)
-    metric.update(x)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        mean, std = metric.compute()
-    return float(mean), float(std)
+    if x.ndim != 2 or x.shape[0] < splits or splits < 1:
+        raise ValueError(f"logits must be (N, C) with N >= splits={splits} >= 1, got shape {tuple(x.shape)}")
+    logp = torch.log_softmax(x, dim=1)  # (N, C)
+    n, scores = len(x), []
+    for i in range(splits):
+        part = logp[i * n // splits:(i + 1) * n // splits]  # (n / splits, C)
+        log_py = torch.logsumexp(part, dim=0) - math.log(len(part))  # (C,) log of the split's marginal
+        kl = (part.exp() * (part - log_py)).sum(1).mean()
+        scores.append(float(kl.exp()))
+    return float(np.mean(scores)), float(np.std(scores))
 
 
 def precision_recall(real: Array, fake: Array, k: int = 3, chunk: int = 1024) -> tuple[float, float]:
@@ -210,27 +228,29 @@ class InceptionFeatures:
         return self.logits_weight is not None
 
     @torch.no_grad()
-    def __call__(self, images, logits: bool = False, progress: bool = True):
-        """uint8 images (array, or iterable of batches) -> features (N, 2048) float32 numpy,
-        and logits (N, 1008) with logits=True."""
-        if logits and not self.has_logits:
-            raise ValueError(f"{self.path} has no classifier head (`output` layer), so no logits for the "
-                             f"Inception Score; use StyleGAN2-ADA's inception-2015-12-05.pt")
-        feats, outs = [], []
-        total = -(-len(images) // self.batch_size) if isinstance(images, (np.ndarray, torch.Tensor)) else None
+    def batches(self, images, progress: bool = True, total: int | None = None):
+        """uint8 images (array, or iterable of batches) -> features (B, 2048) float32 tensors, batch by batch."""
+        if isinstance(images, (np.ndarray, torch.Tensor)):
+            total = -(-len(images) // self.batch_size)
         for batch in tqdm(_batches(images, self.batch_size), total=total, disable=not progress, desc="inception"):
             x = _images_nchw(batch).to(self.device)  # (B, 3, H, W) in [0, 255]
             x = (resize_bilinear_tf1(x, (299, 299)) - 128.0) / 128.0  # (B, 3, 299, 299)
             f = self.layers(x.contiguous(memory_format=torch.channels_last)).reshape(len(x), -1)  # (B, 2048)
             if f.shape[1] != 2048:
                 raise ValueError(f"{self.path} returned {f.shape[1]}-d features, expected 2048 (pool3)")
-            feats.append(f.float().cpu())
-            if logits:
-                outs.append(f.float().cpu() @ self.logits_weight.T.cpu())  # (B, 1008)
+            yield f.float().cpu()
+
+    def __call__(self, images, logits: bool = False, progress: bool = True):
+        """uint8 images (array, or iterable of batches) -> features (N, 2048) float32 numpy,
+        and logits (N, 1008) with logits=True."""
+        if logits and not self.has_logits:
+            raise ValueError(f"{self.path} has no classifier head (`output` layer), so no logits for the "
+                             f"Inception Score; use StyleGAN2-ADA's inception-2015-12-05.pt")
+        feats = list(self.batches(images, progress))
         if not feats:
             raise ValueError("no images given")
-        f = torch.cat(feats).numpy()
-        return (f, torch.cat(outs).numpy()) if logits else f
+        f = torch.cat(feats)  # (N, 2048)
+        return (f.numpy(), (f @ self.logits_weight.T.cpu()).numpy()) if logits else f.numpy()  # logits (N, 1008)
 
 
 # ---- I3D (FVD)
@@ -248,12 +268,17 @@ class I3DFeatures:
         self.id = f"i3d-{_file_digest(self.path)}"
 
     @torch.no_grad()
+    def batches(self, videos, progress: bool = True, total: int | None = None):
+        """(N, T, H, W, 3) uint8 or [-1, 1] float videos (array, or iterable of batches) -> (B, 400) float32
+        tensors, batch by batch."""
+        if isinstance(videos, (np.ndarray, torch.Tensor)):
+            total = -(-len(videos) // self.batch_size)
+        for batch in tqdm(_batches(videos, self.batch_size), total=total, disable=not progress, desc="i3d"):
+            yield self.net(fvd_preprocess(batch).to(self.device)).float().cpu()  # (B, 400)
+
     def __call__(self, videos, progress: bool = True) -> np.ndarray:
         """(N, T, H, W, 3) uint8 or [-1, 1] float videos (array, or iterable of batches) -> (N, 400) float32."""
-        feats = []
-        total = -(-len(videos) // self.batch_size) if isinstance(videos, (np.ndarray, torch.Tensor)) else None
-        for batch in tqdm(_batches(videos, self.batch_size), total=total, disable=not progress, desc="i3d"):
-            feats.append(self.net(fvd_preprocess(batch).to(self.device)).float().cpu())  # (B, 400)
+        feats = list(self.batches(videos, progress))
         if not feats:
             raise ValueError("no videos given")
         return torch.cat(feats).numpy()
@@ -292,11 +317,16 @@ def data_key(data: Array) -> str:
 
 
 def reference_stats(net: InceptionFeatures | I3DFeatures, data, key: str | None = None,
-                    cache_dir: str | Path | None = None, progress: bool = True) -> dict[str, np.ndarray]:
-    """Features, mu and sigma of a reference set, computed once and cached in an .npz.
+                    cache_dir: str | Path | None = None, progress: bool = True, keep: int | None = None,
+                    total: int | None = None) -> dict[str, np.ndarray]:
+    """Mean and covariance of a reference set's features, and the features of its first `keep` items (all
+    when None: for precision/recall), computed once and cached in an .npz.
 
-    The cache file is named by the network file's digest and `key` (default: data_key(data); an
-    iterable of batches needs an explicit key). Returns {'features', 'mu', 'sigma'}.
+    The moments are summed batch by batch in float64, so that the set may be larger than memory (ADM's
+    reference statistics are over a whole training set, its precision/recall over 10,000 of its images:
+    pass the data in a random order). The cache file is named by the network file's digest and `key`
+    (default: data_key(data); an iterable of batches needs an explicit key). total: the iterable's batch
+    count, for the progress bar. Returns {'features', 'mu', 'sigma', 'count'}.
     """
     if key is None:
         if not isinstance(data, (np.ndarray, torch.Tensor)):
@@ -305,18 +335,47 @@ def reference_stats(net: InceptionFeatures | I3DFeatures, data, key: str | None 
     if cache_dir is None:
         from unimodal.assets import cache_dir as default_cache_dir
         cache_dir = default_cache_dir() / "stats"
-    path = Path(cache_dir) / f"{net.id}-{key}.npz"
+    path = Path(cache_dir) / f"{net.id}-{key}{'' if keep is None else f'-keep{keep}'}.npz"
     if path.exists():
         with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in ("features", "mu", "sigma")}
-    feats = net(data, progress=progress)
-    mu, sigma = feature_stats(feats)
-    out = {"features": feats, "mu": mu, "sigma": sigma}
+            out = {k: z[k] for k in ("features", "mu", "sigma")}
+            out["count"] = z["count"] if "count" in z.files else np.array(len(out["features"]))
+            return out
+    moments, kept = Moments(), []
+    n_kept = 0
+    for f in net.batches(data, progress=progress, total=total):
+        moments.add(f)
+        if keep is None or n_kept < keep:
+            kept.append(f if keep is None else f[: keep - n_kept])
+            n_kept += len(kept[-1])
+    if moments.n == 0:
+        raise ValueError(f"reference set {key!r} is empty")
+    mu, sigma = moments.stats()
+    out = {"features": torch.cat(kept).numpy(), "mu": mu, "sigma": sigma, "count": np.array(moments.n)}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + f".{os.getpid()}.tmp.npz")
     np.savez(tmp, **out)
     os.replace(tmp, path)
     return out
+
+
+def adm_reference(net: InceptionFeatures, path: str | Path, progress: bool = True,
+                  cache_dir: str | Path | None = None) -> dict[str, np.ndarray]:
+    """An ADM reference batch (guided-diffusion's evaluations, e.g. VIRTUAL_imagenet256_labeled.npz): its
+    'mu' and 'sigma' (statistics over the whole training set, as DiT and ACDiT report FID against) and the
+    features of its 'arr_0' images (10,000, uint8 NHWC) for precision/recall."""
+    path = Path(path)
+    with np.load(path, allow_pickle=False) as z:
+        missing = {"arr_0", "mu", "sigma"} - set(z.files)
+        if missing:
+            raise ValueError(f"{path} is not an ADM reference batch: it lacks {sorted(missing)} (has {z.files})")
+        images, mu, sigma = z["arr_0"], z["mu"], z["sigma"]
+    if mu.shape != (2048,) or sigma.shape != (2048, 2048):
+        raise ValueError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not Inception pool3 statistics "
+                         f"((2048,) and (2048, 2048))")
+    ref = reference_stats(net, images, key=f"adm-{path.stem}-{_file_digest(path)}", progress=progress,
+                          cache_dir=cache_dir)
+    return {**ref, "mu": mu.astype(np.float64), "sigma": sigma.astype(np.float64)}
 
 
 def image_metrics(net: InceptionFeatures, samples, reference: dict[str, np.ndarray], k: int = 3,
