@@ -74,20 +74,24 @@ def evaluate_run(path: str | Path, out: str | Path | None = None, ema: bool = Tr
 
 def evaluate_converted(path: str | Path, out: str | Path, samples: int, batch: int, reference: str | None,
                        vae: str | None, cfg_scale: float | None, steps: int | None, device: str,
-                       inception: str | None) -> dict:
+                       inception: str | None, reference_count: int = 0, frame_stride: int = 3, fold: int = 1) -> dict:
     """Class-conditional sampling (and FID/IS/PR or FVD against a reference set) for a checkpoint
-    converted from the official ACDiT release by `python -m unimodal.convert`."""
+    converted from the official ACDiT release by `python -m unimodal.convert`. reference: an ADM reference
+    batch .npz or an image dataset (its training split: `reference_count` images in a fixed random order, 0
+    for all), or a video dataset (2048 clips, or `reference_count`, `frame_stride` frames apart)."""
     from unimodal import data as D
     from unimodal import metrics as M
     from unimodal.codecs import VAECodec
     from unimodal.convert import load_converted
     from unimodal.sampling import row_generators
     from unimodal.visualize import save_image_grid, save_video_grid, to_uint8
+    if reference:  # before sampling: a reference without pixels fails at once
+        M.check_reference_source(reference)
     rank, world, device = launch(device)
     model, info = load_converted(path, device=device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    codec = VAECodec(vae or info.sampling.get("vae_path"), device=device)
+    codec = VAECodec(vae or info.config["sampling"].get("vae_path"), device=device)
     n_cls = model.cfg.num_classes
     labels = torch.arange(samples) % n_cls
 
@@ -97,7 +101,7 @@ def evaluate_converted(path: str | Path, out: str | Path, samples: int, batch: i
         return to_uint8(codec.decode(z.to(device).float()))
 
     tag = shards.weights_tag(model, samples=samples, cfg_scale=cfg_scale, steps=steps, vae=codec.path,
-                             sampling=info.sampling)
+                             sampling=info.config["sampling"])
     x = shards.sample_set(make, samples, batch, out, tag)  # (N, C, H, W) or (N, T, C, H, W), on process 0
     if x is None:
         return {}
@@ -107,16 +111,18 @@ def evaluate_converted(path: str | Path, out: str | Path, samples: int, batch: i
         save_image_grid(torch.from_numpy(x[:64]).float() / 127.5 - 1, out / "grid.png", nrow=8)
         if reference:
             net = M.InceptionFeatures(inception, device=device)
-            ref_ds = D.build_dataset(reference, "train", size=x.shape[-1])
-            ref = M.reference_stats(net, (np.asarray(ref_ds[i:i + 500]["image"]).transpose(0, 2, 3, 1)
-                                          for i in range(0, len(ref_ds), 500)), key=f"ref-{Path(reference).name}")
+            ref = M.image_reference(net, reference, x.shape[-1], count=reference_count)
             metrics.update(M.image_metrics(net, x.transpose(0, 2, 3, 1), ref))
+            metrics["reference"], metrics["reference_images"] = str(reference), int(ref["count"])
     else:
         save_video_grid(torch.from_numpy(x[:16]).float() / 127.5 - 1, out / "grid.gif", nrow=4)
         if reference:
-            ref_ds = D.build_dataset(reference, "train", size=x.shape[-1], frames=x.shape[1])
-            real = np.asarray(ref_ds[: min(len(ref_ds), samples)]["video"])
-            metrics["fvd"] = M.fvd(real, x.transpose(0, 1, 3, 4, 2))
+            net = M.I3DFeatures(device=device)
+            ref = M.video_reference(net, reference, frames=x.shape[1], size=x.shape[-1], stride=frame_stride,
+                                    fold=fold, count=reference_count or 2048)
+            fake = x.transpose(0, 1, 3, 4, 2)  # (N, T, H, W, 3)
+            metrics["fvd"] = M.frechet_distance(*M.feature_stats(net(fake)), ref["mu"], ref["sigma"])
+            metrics["reference"], metrics["reference_clips"] = str(reference), int(ref["count"])
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 
@@ -137,7 +143,14 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--cfg", type=float, default=None, help="guidance scale (task.cfg_scale; default: the checkpoint's)")
     g.add_argument("--steps", type=int, default=None, help="solver steps per block (task.sample_steps; 25)")
     g = ap.add_argument_group("converted official checkpoints")
-    g.add_argument("--reference", default=None, help="reference data for FID / FVD (ImageFolder, UCF-101 root)")
+    g.add_argument("--reference", default=None, help="reference for FID / FVD: an ADM reference batch .npz "
+                   "(VIRTUAL_imagenet256_labeled.npz, as DiT and ACDiT report), an image dataset (ImageFolder), or "
+                   "the UCF-101 root")
+    g.add_argument("--reference-count", type=int, default=0, help="images of a dataset reference, in a fixed random "
+                   "order (0: all, as ADM's statistics); video clips (0: 2048)")
+    g.add_argument("--frame-stride", type=int, default=3, help="frame stride of the reference clips (3: the UCF-101 "
+                   "setting of the paper and configs/ucf101_*.py)")
+    g.add_argument("--fold", type=int, default=1, help="UCF-101 split fold of the reference clips")
     g.add_argument("--vae", default=None, help="local diffusers AutoencoderKL directory (the SD VAE)")
     g.add_argument("--inception", default=None, help="local TorchScript Inception file")
     args = ap.parse_intermixed_args(argv)
@@ -148,7 +161,8 @@ def main(argv: list[str] | None = None) -> None:
         converted = cfg_file.is_file() and json.loads(cfg_file.read_text()).get("format", "").startswith("unimodal-acdit")
         if converted:
             m = evaluate_converted(c, args.out or c / "eval", args.samples or 1000, args.batch or 50, args.reference,
-                                   args.vae, args.cfg, args.steps, args.device, args.inception)
+                                   args.vae, args.cfg, args.steps, args.device, args.inception,
+                                   args.reference_count, args.frame_stride, args.fold)
         else:
             extra = [f"task.{k}={v}" for k, v in flags.items() if v is not None]
             m = evaluate_run(c, args.out, ema=not args.no_ema, quick=args.quick,

@@ -45,7 +45,10 @@ class ClassImageConfig:
     eval_samples: int = 1000  # generated images for the evaluation metrics
     eval_batch: int = 250
     fid: bool = False  # Inception FID / IS / precision / recall (slow on CPU)
-    fid_reference: str = ""  # dataset for the FID reference statistics (default: the training set)
+    # FID reference: a dataset (its training split; default: `dataset`) or an ADM reference batch .npz
+    # (VIRTUAL_imagenet256_labeled.npz: the statistics DiT and ACDiT report FID against)
+    fid_reference: str = ""
+    fid_reference_images: int = 0  # images of a dataset reference, in a fixed random order (0: all, as ADM)
     inception_path: str = ""  # local TorchScript Inception (default: the offline carrier)
 
 
@@ -139,6 +142,9 @@ class ClassImageTask(Task):
 
     def evaluate(self, model, out_dir: Path, quick: bool = False) -> dict:
         t = self.tc
+        if t.fid and (t.fid_reference or t.dataset != "mnist"):  # before sampling: a reference without pixels fails at once
+            from unimodal.metrics import check_reference_source
+            check_reference_source(t.fid_reference or t.dataset)
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         n = min(t.eval_samples, 200) if quick else t.eval_samples
@@ -164,22 +170,17 @@ class ClassImageTask(Task):
         if t.fid:
             from unimodal import metrics as M
             net = M.InceptionFeatures(t.inception_path or None, device=self.device)
-            ref_data = self._reference_images(n_max=10000 if not quick else 500)
-            ref = M.reference_stats(net, ref_data, key=f"{t.fid_reference or t.dataset}-{t.image_size}-{len(ref_data)}")
+            if t.dataset == "mnist" and not t.fid_reference:  # the test digits, padded as the training ones
+                x, _ = D.mnist_arrays("test")
+                x = D._pad(x, t.image_size) if t.image_size != 28 else x
+                ref = M.reference_stats(net, np.repeat(x[:500 if quick else None, :, :, None], 3, axis=-1))
+            else:
+                count = 500 if quick else t.fid_reference_images
+                ref = M.image_reference(net, t.fid_reference or t.dataset, t.image_size, count=count)
             rgb = np.repeat(u8, 3, axis=1) if u8.shape[1] == 1 else u8
             metrics.update(M.image_metrics(net, rgb.transpose(0, 2, 3, 1), ref))
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         return metrics
-
-    def _reference_images(self, n_max: int) -> np.ndarray:
-        t = self.tc
-        if t.dataset == "mnist":
-            x, _ = D.mnist_arrays("test")
-            x = D._pad(x, t.image_size) if t.image_size != 28 else x
-            return np.repeat(x[:n_max, :, :, None], 3, axis=-1)
-        ds = D.build_dataset(t.fid_reference or t.dataset, "train", size=t.image_size)
-        rows = ds[: min(n_max, len(ds))]
-        return np.asarray(rows["image"]).transpose(0, 2, 3, 1)
 
 
 def mnist_quality(images_u8: np.ndarray, labels: np.ndarray, size: int) -> dict:

@@ -18,7 +18,6 @@ clips: slow on CPU, needs >= 9 frames; frames are resized to 224 by the metric.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,6 +208,8 @@ class ClassVideoTask(Task):
         t = self.tc
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
+        if t.fvd:
+            self._check_fvd()
         n = min(t.eval_samples, 100) if quick else t.eval_samples
         k = t.num_classes
         g = min(k, 10)
@@ -245,43 +246,31 @@ class ClassVideoTask(Task):
     def _fvd(self, fake_u8: np.ndarray, quick: bool) -> float:
         """FVD of generated uint8 (N, T, H, W, C) clips against real clips of the same length and size."""
         from unimodal import metrics as M
-        from unimodal.i3d import MIN_FRAMES
 
         t = self.tc
-        if t.frames < MIN_FRAMES:
-            raise ValueError(f"FVD needs clips of at least {MIN_FRAMES} frames (I3D); task.frames is {t.frames}")
         n_ref = min(t.fvd_reference_clips, 256 if quick else t.fvd_reference_clips)
+        net = M.I3DFeatures(t.i3d_path or None, device=self.device)
         if self.moving_mnist:
             real, _ = self._moving_mnist("test", n_ref)
             real = np.repeat(real[..., None], 3, axis=-1)  # (n, T, H, W, 3)
             key = f"moving_mnist-test-{t.frames}x{t.image_size}-{tuple(t.speed)}-{n_ref}"
+            ref = M.reference_stats(net, real, key=key)
         else:
-            src = t.fvd_reference or t.dataset
-            if Path(src, "meta.json").exists():
-                raise ValueError(f"FVD needs real pixel clips: {src} is a latent cache; set task.fvd_reference to "
-                                 f"the UCF-101 root")
-            ds = D.build_dataset(src, "train", frames=t.frames, stride=t.frame_stride, size=t.image_size, fold=t.fold)
-            n_ref = min(n_ref, len(ds))
-            order = np.random.default_rng(0).permutation(len(ds))[:n_ref]
-            real = (np.asarray(ds[int(i)]["video"]) for i in order)  # decoded lazily, one clip at a time
-            real = _batched(real, 8)
-            where = hashlib.sha256(str(Path(src).resolve()).encode()).hexdigest()[:8]
-            key = f"{Path(src).name}-{where}-train{t.fold}-{t.frames}x{t.image_size}s{t.frame_stride}-{n_ref}"
+            ref = M.video_reference(net, t.fvd_reference or t.dataset, t.frames, t.image_size, stride=t.frame_stride,
+                                    fold=t.fold, count=n_ref)
         fake = np.repeat(fake_u8, 3, axis=-1) if fake_u8.shape[-1] == 1 else fake_u8
-        net = M.I3DFeatures(t.i3d_path or None, device=self.device)
-        ref = M.reference_stats(net, real, key=key)
         return M.frechet_distance(*M.feature_stats(net(fake)), ref["mu"], ref["sigma"])
 
+    def _check_fvd(self) -> None:
+        """Before sampling: what FVD needs of the settings."""
+        from unimodal.i3d import MIN_FRAMES
+        from unimodal.metrics import check_reference_source
 
-def _batched(it, n: int):
-    buf = []
-    for x in it:
-        buf.append(x)
-        if len(buf) == n:
-            yield np.stack(buf)
-            buf = []
-    if buf:
-        yield np.stack(buf)
+        t = self.tc
+        if t.frames < MIN_FRAMES:
+            raise ValueError(f"FVD needs clips of at least {MIN_FRAMES} frames (I3D); task.frames is {t.frames}")
+        if not self.moving_mnist:
+            check_reference_source(t.fvd_reference or t.dataset, "FVD")
 
 
 def digit_crops(frames_u8: np.ndarray, size: int = 28) -> np.ndarray:

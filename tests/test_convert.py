@@ -524,3 +524,43 @@ if __name__ == "__main__":
     else:
         print("usage: python tests/test_convert.py fixtures DIR", file=sys.stderr)
         sys.exit(2)
+
+
+def test_evaluate_a_converted_checkpoint_against_an_image_folder(tmp_path, monkeypatch):
+    """evaluate.py on a converted checkpoint: samples, grid, and FID / precision / recall against a folder
+    reference (the real Inception); a latent-cache reference is refused before any sampling."""
+    import json
+    import evaluate
+    from diffusers import AutoencoderKL
+    from PIL import Image as PILImage
+    src = tmp_path / "image.pt"
+    torch.save(ref_checkpoint("image"), src)
+    ckpt = C.convert(src, tmp_path / "conv")
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8),
+                        layers_per_block=1, latent_channels=4, norm_num_groups=4)
+    vae.save_pretrained(tmp_path / "vae")
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "ref" / c).mkdir(parents=True)
+        for i in range(4):
+            PILImage.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "ref" / c / f"{i}.png")
+    import functools
+    from unimodal import metrics as M
+    monkeypatch.setattr(M, "reference_stats", functools.partial(M.reference_stats, cache_dir=tmp_path / "stats"))
+    common = ["--samples", "5", "--batch", "2", "--steps", "2", "--device", "cpu", "--vae", str(tmp_path / "vae")]
+    evaluate.main([str(ckpt), *common, "--reference", str(tmp_path / "ref"), "--out", str(tmp_path / "ev")])
+    m = json.loads((tmp_path / "ev/metrics.json").read_text())
+    assert m["samples"] == 5 and m["reference_images"] == 8 and np.isfinite(m["fid"]) and m["fid"] > 0
+    assert 0 <= m["precision"] <= 1 and 0 <= m["recall"] <= 1
+    with np.load(tmp_path / "ev/samples.npz") as z:
+        assert z["arr_0"].shape == (5, 64, 64, 3) and z["labels"].tolist() == [0, 1, 2, 3, 4]
+    assert PILImage.open(tmp_path / "ev/grid.png").size[0] > 64
+    (tmp_path / "latents").mkdir()
+    (tmp_path / "latents/meta.json").write_text("{}")
+    sampled = []
+    import unimodal.shards as shards
+    monkeypatch.setattr(shards, "sample_set", lambda *a, **k: sampled.append(1))
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([str(ckpt), *common, "--reference", str(tmp_path / "latents"), "--out", str(tmp_path / "ev2")])
+    assert e.value.code == 2 and sampled == []

@@ -309,6 +309,28 @@ def test_an_adm_reference_batch_gives_its_own_statistics(tmp_path):
         M.adm_reference(Net(), tmp_path / "bad.npz", cache_dir=tmp_path)
 
 
+def test_a_dataset_reference_draws_from_every_class(tmp_path):
+    """An image folder lists its images class by class; the reference reads them in a fixed random order,
+    so a subset covers the classes (the first rows would be class 0 only)."""
+    from PIL import Image as PILImage
+    for c, value in (("a_dark", 10), ("b_bright", 240)):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(12):
+            PILImage.fromarray(np.full((8, 8, 3), value + i, np.uint8)).save(tmp_path / "data" / c / f"{i:02d}.png")
+    ref = M.image_reference(_Flat(), tmp_path / "data", size=8, count=8, keep=6, cache_dir=tmp_path / "stats")
+    levels = ref["features"][:, 0]  # (6,) one pixel value per kept image
+    assert (levels < 128).any() and (levels > 128).any() and int(ref["count"]) == 8
+    again = M.image_reference(_Flat(), tmp_path / "data", size=8, count=8, keep=6, cache_dir=tmp_path / "stats")
+    assert np.array_equal(again["features"], ref["features"])  # a fixed order, cached
+    everything = M.image_reference(_Flat(), tmp_path / "data", size=8, keep=None, cache_dir=tmp_path / "stats")
+    assert int(everything["count"]) == 24 and sorted(everything["features"][:, 0]) == sorted(
+        [10.0 + i for i in range(12)] + [240.0 + i for i in range(12)])
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "meta.json").write_text("{}")
+    with pytest.raises(ValueError, match="latent cache"):
+        M.image_reference(_Flat(), tmp_path / "cache", size=8, cache_dir=tmp_path / "stats")
+
+
 def test_fvd_of_identical_sets_is_zero_and_grows_with_a_change():
     rng = np.random.default_rng(10)
     base = rng.integers(0, 256, size=(1, 9, 32, 32, 3)).astype(np.int16)

@@ -378,6 +378,61 @@ def adm_reference(net: InceptionFeatures, path: str | Path, progress: bool = Tru
     return {**ref, "mu": mu.astype(np.float64), "sigma": sigma.astype(np.float64)}
 
 
+def _source_key(source: str | Path) -> str:
+    p = Path(source).expanduser()
+    return f"{p.name}-{hashlib.sha256(str(p.resolve()).encode()).hexdigest()[:8]}"
+
+
+def check_reference_source(source: str | Path, what: str = "FID") -> None:
+    """Refuses, before any sampling, a reference the metric cannot read: a latent cache (no pixels)."""
+    if Path(source, "meta.json").is_file():
+        raise ValueError(f"{what} needs real pixels: {source} is a latent cache; point the reference at the "
+                         f"images (an image folder, a saved dataset, or an ADM reference batch .npz)")
+
+
+def image_reference(net: InceptionFeatures, source: str | Path, size: int, count: int = 0, keep: int = 10000,
+                    seed: int = 0, progress: bool = True, cache_dir: str | Path | None = None) -> dict[str, np.ndarray]:
+    """FID / precision / recall reference of a data source: an ADM reference batch (.npz), or the training
+    split of a dataset (`data.build_dataset`) at `size`, `count` images (0: all, as ADM's statistics) read in a
+    fixed random order (a class-sorted folder's first rows would cover a few classes), the first `keep` of
+    them kept for precision/recall. Cached by the source's path, size, count and seed."""
+    if str(source).endswith(".npz"):
+        return adm_reference(net, source, progress=progress, cache_dir=cache_dir)
+    check_reference_source(source)
+    from unimodal import data as D
+    ds = D.build_dataset(str(source), "train", size=size)
+    n = min(count, len(ds)) if count > 0 else len(ds)
+    order = np.random.default_rng(seed).permutation(len(ds))[:n]
+    step = 250
+
+    def batches():
+        for i in range(0, n, step):
+            rows = ds[[int(j) for j in order[i:i + step]]]
+            yield np.asarray(rows["image"]).transpose(0, 2, 3, 1)  # (B, H, W, 3) uint8
+    key = f"{_source_key(source)}-train{size}-{n}of{len(ds)}-seed{seed}"
+    return reference_stats(net, batches(), key=key, keep=keep, progress=progress, total=-(-n // step),
+                           cache_dir=cache_dir)
+
+
+def video_reference(net: I3DFeatures, source: str | Path, frames: int, size: int, stride: int = 1, fold: int = 1,
+                    count: int = 2048, seed: int = 0, progress: bool = True,
+                    cache_dir: str | Path | None = None) -> dict[str, np.ndarray]:
+    """FVD reference of a video dataset's training split (`data.build_dataset`: UCF-101 and the like): `count`
+    clips of `frames` frames `stride` apart at `size`, read in a fixed random order (split lists are sorted
+    by class) and decoded one at a time. Cached by the source's path and these settings."""
+    check_reference_source(source, "FVD")
+    from unimodal import data as D
+    ds = D.build_dataset(str(source), "train", frames=frames, stride=stride, size=size, fold=fold)
+    n = min(count, len(ds)) if count > 0 else len(ds)
+    order = np.random.default_rng(seed).permutation(len(ds))[:n]
+
+    def batches(per: int = 8):
+        for i in range(0, n, per):
+            yield np.stack([np.asarray(ds[int(j)]["video"]) for j in order[i:i + per]])  # (B, T, H, W, 3)
+    key = f"{_source_key(source)}-train{fold}-{frames}x{size}s{stride}-{n}-seed{seed}"
+    return reference_stats(net, batches(), key=key, progress=progress, total=-(-n // 8), cache_dir=cache_dir)
+
+
 def image_metrics(net: InceptionFeatures, samples, reference: dict[str, np.ndarray], k: int = 3,
                   splits: int = 10, progress: bool = True) -> dict[str, float]:
     """FID, precision and recall of uint8 `samples` against `reference` (from reference_stats), plus
