@@ -167,11 +167,14 @@ def main(argv: list[str] | None = None) -> None:
             extra = [f"task.{k}={v}" for k, v in flags.items() if v is not None]
             m = evaluate_run(c, args.out, ema=not args.no_ema, quick=args.quick,
                              overrides=list(args.overrides) + extra, device=args.device)
+        if shards.rank_world()[0] == 0:
+            print(json.dumps(m, indent=2, default=str))
     except (ckpt.CheckpointError, FileNotFoundError, KeyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    if shards.rank_world()[0] == 0:
-        print(json.dumps(m, indent=2, default=str))
+    finally:  # each process leaves its group when done (left to interpreter exit, gloo may abort the process)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -363,6 +363,9 @@ def main(argv: list[str] | None = None) -> None:
     except OutDirInUse as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    finally:  # each process leaves its group when done (left to interpreter exit, gloo may abort the process)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """ImageNet 256 linear probe of a pretrained ACDiT-L (configs/imagenet256_acdit_l.py), MAE's
 protocol: frozen backbone, images as clean blocks (SD-VAE latents 32x32x4, patch 1, blocks of 256
-patches, the generator's shape), mean-pooled final hidden states computed once for train and val
+patches, the generator's shape), final hidden states mean-pooled over the blocks pretraining used as
+context (pool="context": the last clean block is never attended to in training), computed once for train and val
 (1.28M x 1024 floats, 5.2 GB in memory), then BatchNorm(affine=False) + linear head for 90 epochs
 at batch 16384, 10 warmup epochs, cosine decay, no weight decay. MAE trains the head with LARS
 (base lr 0.1); here it is train.py's AdamW at a large lr (untuned at this scale). No
@@ -20,7 +21,7 @@ steps, warmup = epochs * images // batch, warmup_epochs * images // batch
 config = TrainConfig(
     task=LinearProbeConfig(dataset="/data/imagenet/train", test_dataset="/data/imagenet/val", test_split="val",
                            image_size=256, num_classes=1000, codec="vae", vae_path=gen.task.vae_path,
-                           block=gen.task.block, head_init_std=0.01, eval_batch=250),
+                           block=gen.task.block, head_init_std=0.01, eval_batch=250, pool="context"),
     model=gen.model,
     optim=OptimConfig(lr=1e-2, betas=(0.9, 0.999), weight_decay=0.0, warmup_steps=warmup,
                       decay_frac=1 - warmup / steps, decay_type="cosine", grad_clip=0.0),

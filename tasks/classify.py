@@ -6,7 +6,7 @@ token is modulated (clean tokens never see a timestep or a class). The represent
 mean over the image tokens of the final normalised hidden states, or of the output of block
 `feature_layer` (RMS-normalised without a learned scale).
 
-Fine-tuning follows MAE's recipe as the paper does: the backbone is initialised from a generator
+Fine-tuning follows MAE's recipe: the backbone is initialised from a generator
 checkpoint (`init_from`) and trained end to end with a linear head on the pooled features (zero
 or tiny init, no extra norm: the features are already normalised), layer-wise lr decay
 (`optim.layer_decay`), AdamW with warmup and weight decay, label smoothing and mixup / cutmix.
@@ -24,8 +24,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from unimodal import data as D
+from unimodal import shards
 from unimodal.codecs import PixelCodec, VAECodec
 from unimodal.config import ModelConfig
 from unimodal.masks import Layout
@@ -230,6 +232,7 @@ def top_k(logits: Tensor, y: Tensor, k: int) -> float:
 class ClassifyTask(Task):
     """End-to-end fine-tuning. Also the data side (examples -> latents -> clean input) of the
     linear probe, which subclasses it."""
+    sharded_eval = True
 
     def __init__(self, cfg, rank=0, world=1, device="cpu"):
         super().__init__(cfg, rank, world, device)
@@ -330,21 +333,37 @@ class ClassifyTask(Task):
 
     # -------------------------------------------------------------- evaluation
     @torch.no_grad()
-    def predict(self, model, split: str = "test", limit: int = 0) -> tuple[Tensor, Tensor]:
-        """(logits (N, K), labels (N,)) over the first `limit` (0 = all) examples of a split."""
-        n = self.split_size(split) if not limit else min(limit, self.split_size(split))
+    def predict(self, model, split: str, rows) -> tuple[Tensor, Tensor]:
+        """(logits (N, K), labels (N,)) of examples `rows` of a split, on the task's device."""
+        rows = [int(r) for r in rows]
         logits, labels = [], []
-        for s in range(0, n, self.tc.eval_batch):
-            z, y = self.latents(split, list(range(s, min(n, s + self.tc.eval_batch))))
-            logits.append(model(self.inputs(z)).float().cpu())
-            labels.append(y.cpu())
+        bs = self.tc.eval_batch
+        for s in tqdm(range(0, len(rows), bs), desc=f"{split} top-1", leave=False, disable=len(rows) <= bs):
+            z, y = self.latents(split, rows[s:s + bs])
+            logits.append(model(self.inputs(z)).float())  # (b, K)
+            labels.append(y)
+        if not logits:  # a process whose share is empty
+            return torch.zeros(0, self.tc.num_classes, device=self.device), torch.zeros(0, dtype=torch.long, device=self.device)
         return torch.cat(logits), torch.cat(labels)
+
+    def eval_rows(self, split: str, quick: bool) -> np.ndarray:
+        """The examples an evaluation reads: all, or (quick) 1000 in a fixed random draw (a class-sorted split's
+        first rows would cover a few classes)."""
+        n = self.split_size(split)
+        return np.sort(np.random.default_rng(0).permutation(n)[:1000]) if quick and n > 1000 else np.arange(n)
 
     def evaluate(self, model, out_dir: Path, quick: bool = False) -> dict:
         out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
         model.eval()
-        logits, y = self.predict(model, "test", limit=1000 if quick else 0)
+        rows = self.eval_rows("test", quick)
+        share = shards.shard(len(rows))
+        mine = rows[share.start:share.stop]  # this process's share
+        logits, y = self.predict(model, "test", mine)
+        logits, y = shards.gather_rows(logits, len(rows)), shards.gather_rows(y, len(rows))
+        if shards.rank_world()[0] != 0:
+            return {}
+        logits, y = logits.cpu(), y.cpu()
+        out_dir.mkdir(parents=True, exist_ok=True)
         metrics = {"top1": top_k(logits, y, 1), "top5": top_k(logits, y, 5),
                    "test_loss": float(F.cross_entropy(logits, y)), "examples": int(y.numel())}
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))

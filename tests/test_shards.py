@@ -95,10 +95,39 @@ def test_two_processes_evaluate_the_set_of_one(tmp_path, config):
                           "29523", "evaluate.py", *args, "--out", str(tmp_path / "two")],
                          cwd=ROOT, env=env, capture_output=True, text=True)
     assert two.returncode == 0, two.stderr[-3000:]
-    assert two.stdout.count('"samples": 5') == 1  # process 0 prints the metrics, once
+    assert two.stdout.count('"samples": 5') == 1 and "{}" not in two.stdout  # process 0 prints the metrics
     with np.load(tmp_path / "one/samples.npz") as a, np.load(tmp_path / "two/samples.npz") as b:
         assert sorted(a.files) == sorted(b.files)
         for k in a.files:
             assert np.array_equal(a[k], b[k]), k
     m1, m2 = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
     assert {k: v for k, v in m1.items() if k != "class_grid"} == {k: v for k, v in m2.items() if k != "class_grid"}
+
+
+def _run(cmd: list[str], env: dict) -> subprocess.CompletedProcess:
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+def test_two_processes_probe_and_classify_as_one(tmp_path):
+    """The linear probe's features extracted in two shares and gathered train the head of one process;
+    classification top-1 over the test set shared by two processes is that of one."""
+    gen = trained("mnist_class_tiny", tmp_path / "gen")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29529"]
+    probe = TINY[:3] + ["global_batch=8", "steps=4", "ckpt_every=4", "eval_at_end=True", "precision=fp32",
+                        "task.train_limit=50", "task.test_limit=30", "task.eval_batch=16", f"init_from={gen}"]
+    for n, launcher in (("one", [sys.executable]), ("two", two)):
+        _run([*launcher, "train.py", "configs/mnist_probe_tiny.py", *probe, f"out_dir={tmp_path / n}", "--quiet"], env)
+    m1, m2 = (json.loads((tmp_path / n / "eval/metrics.json").read_text()) for n in ("one", "two"))
+    assert m1["examples"] == m2["examples"] == 30 and m1["top1"] == m2["top1"]
+    # the head's BatchNorm normalises each process's half of a batch: close, not equal
+    assert m1["test_loss"] == pytest.approx(m2["test_loss"], rel=1e-3)
+    assert m1["train_top1"] == m2["train_top1"]
+    ft = trained("mnist_finetune_tiny", tmp_path / "ft", "task.train_limit=16", "task.test_limit=30", f"init_from={gen}")
+    for n, launcher in (("ev1", [sys.executable]), ("ev2", two)):
+        _run([*launcher, "evaluate.py", str(ft), "--out", str(tmp_path / n), "task.eval_batch=8"], env)
+    e1, e2 = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("ev1", "ev2"))
+    assert e1["examples"] == e2["examples"] == 30 and e1["top1"] == e2["top1"]
+    assert e1["test_loss"] == pytest.approx(e2["test_loss"], rel=1e-4)
