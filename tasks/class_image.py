@@ -6,6 +6,11 @@ Evaluation samples a balanced set of classes with guidance and writes a class gr
 MNIST it reports the project classifier's accuracy on the requested classes and the Frechet
 distance to the MNIST test set in that classifier's feature space; with `fid=True` it reports
 Inception FID / IS / precision / recall against a reference set and writes an ADM `.npz`.
+
+VAE latents (codec="vae", or a latent cache) are the posterior mean, the same latent every epoch;
+DiT and the ACDiT reference draw a posterior sample at every step instead (SD-VAE's posterior std
+is small next to the latents' spread). tokenizers/cache_latents.py --sample caches a sample.
+The evaluation's sampling is shared among the processes of a distributed launch (unimodal/shards.py).
 """
 from __future__ import annotations
 

@@ -13,7 +13,11 @@ requested digit, `clip_accuracy` the fraction of clips whose majority vote is ri
 With `extend_frames` > frames it also generates longer clips than were trained (the sampler
 continues the block sequence) and writes a second GIF, scoring the frames past the training
 length. With `fvd=True` it reports the Frechet Video Distance (I3D, Kinetics-400) against real
-clips: slow on CPU, needs >= 9 frames; frames are resized to 224 by the metric.
+clips: slow on CPU, needs >= 9 frames; frames are resized to 224 by the metric. It is the FVD of
+Unterthiner et al.'s TF code (bilinear resize, unbiased covariance, clips from frame 0), not
+StyleGAN-V's variant (trilinear resize, random clip offsets), and with few clips (hundreds rather
+than the 2048 of the UCF-101 protocol) it is biased upwards: compare FVDs only at equal clip counts. VAE latents are the
+posterior mean (see tasks/class_image.py).
 """
 from __future__ import annotations
 

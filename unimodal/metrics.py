@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Iterable
 
@@ -443,7 +444,10 @@ def image_metrics(net: InceptionFeatures, samples, reference: dict[str, np.ndarr
         feats, logits = net(samples, progress=progress), None
     out = {"fid": frechet_distance(*feature_stats(feats), reference["mu"], reference["sigma"])}
     out["precision"], out["recall"] = precision_recall(reference["features"], feats, k=k)
-    if logits is not None:
+    if logits is None:
+        warnings.warn(f"no Inception Score: {getattr(net, 'path', 'the network')} has no classifier head (pass StyleGAN2-ADA's "
+                      f"inception-2015-12-05.pt for the 1008-way logits)")
+    else:
         out["inception_score"], out["inception_score_std"] = inception_score(logits, splits=splits)
     return out
 
