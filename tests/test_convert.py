@@ -225,6 +225,18 @@ def assert_nothing_written(parent: Path, out: Path) -> None:
     assert leftovers == []
 
 
+def converted_image_and_vae(tmp_path: Path) -> Path:
+    """The image fixture converted into tmp_path/conv, and a tiny random SD-shaped VAE in tmp_path/vae."""
+    from diffusers import AutoencoderKL
+    src = tmp_path / "image.pt"
+    torch.save(ref_checkpoint("image"), src)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8),
+                        layers_per_block=1, latent_channels=4, norm_num_groups=4)
+    vae.save_pretrained(tmp_path / "vae")
+    return C.convert(src, tmp_path / "conv")
+
+
 # ----------------------------------------------------------------------------- format and config
 
 @pytest.mark.parametrize("kind", ["image", "video"])
@@ -330,15 +342,8 @@ def test_cli_refusal(tmp_path, capsys):
 
 def test_sample_command(tmp_path, capsys):
     """python -m unimodal.convert sample: latents, and PNGs decoded by a (tiny, random) SD-style VAE."""
-    from diffusers import AutoencoderKL
     from PIL import Image as PILImage
-    src = tmp_path / "image.pt"
-    torch.save(ref_checkpoint("image"), src)
-    ckpt = C.convert(src, tmp_path / "conv")
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8),
-                        layers_per_block=1, latent_channels=4, norm_num_groups=4)
-    vae.save_pretrained(tmp_path / "vae")
+    ckpt = converted_image_and_vae(tmp_path)
     out = tmp_path / "samples"
     assert C.main(["sample", str(ckpt), str(out), "--labels", "3", "7", "--steps", "2", "--device", "cpu",
                    "--vae", str(tmp_path / "vae")]) == 0
@@ -531,15 +536,8 @@ def test_evaluate_a_converted_checkpoint_against_an_image_folder(tmp_path, monke
     reference (the real Inception); a latent-cache reference is refused before any sampling."""
     import json
     import evaluate
-    from diffusers import AutoencoderKL
     from PIL import Image as PILImage
-    src = tmp_path / "image.pt"
-    torch.save(ref_checkpoint("image"), src)
-    ckpt = C.convert(src, tmp_path / "conv")
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8),
-                        layers_per_block=1, latent_channels=4, norm_num_groups=4)
-    vae.save_pretrained(tmp_path / "vae")
+    ckpt = converted_image_and_vae(tmp_path)
     rng = np.random.default_rng(0)
     for c in ("a", "b"):
         (tmp_path / "ref" / c).mkdir(parents=True)

@@ -31,20 +31,25 @@ def losses(run_dir):
     return [json.loads(l) for l in (Path(run_dir) / "log.jsonl").read_text().splitlines()]
 
 
-def test_resume_reproduces_the_uninterrupted_trajectory(tmp_path, monkeypatch):
-    full = train.train(tiny_cfg(tmp_path / "a", "steps=6", "ckpt_every=3"), quiet=True)["history"]
-
+def killed_at(step: int, monkeypatch, cfg) -> None:
+    """Runs the image task's training until it is killed while fetching the batch of `step`."""
     import tasks.class_image as ci
     real_batch = ci.ClassImageTask.batch
 
-    def crash_at_4(self, step):
-        if step == 4:
+    def killed(self, s):
+        if s == step:
             raise KeyboardInterrupt("killed")
-        return real_batch(self, step)
-    monkeypatch.setattr(ci.ClassImageTask, "batch", crash_at_4)
+        return real_batch(self, s)
+    monkeypatch.setattr(ci.ClassImageTask, "batch", killed)
     with pytest.raises(KeyboardInterrupt):
-        train.train(tiny_cfg(tmp_path / "b", "steps=6", "ckpt_every=3"), quiet=True)
+        train.train(cfg, quiet=True)
     monkeypatch.setattr(ci.ClassImageTask, "batch", real_batch)
+
+
+def test_resume_reproduces_the_uninterrupted_trajectory(tmp_path, monkeypatch):
+    full = train.train(tiny_cfg(tmp_path / "a", "steps=6", "ckpt_every=3"), quiet=True)["history"]
+
+    killed_at(4, monkeypatch, tiny_cfg(tmp_path / "b", "steps=6", "ckpt_every=3"))
     assert ckpt.latest(tmp_path / "b").name == "step_0000003"
     resumed = train.train(tiny_cfg(tmp_path / "b", "steps=6", "ckpt_every=3"), resume=True, quiet=True)["history"]
     assert [r["step"] for r in resumed] == [4, 5, 6]
@@ -325,17 +330,7 @@ def test_a_resumed_run_keeps_the_total_its_time_budget_refitted(tmp_path, monkey
     full = train.train(tiny_cfg(tmp_path / "a", *args), quiet=True)["history"]
     assert len(full) == 30 and full[-1]["lr"] < full[20]["lr"]
 
-    import tasks.class_image as ci
-    real_batch = ci.ClassImageTask.batch
-
-    def crash_at_24(self, step):
-        if step == 24:
-            raise KeyboardInterrupt("killed")
-        return real_batch(self, step)
-    monkeypatch.setattr(ci.ClassImageTask, "batch", crash_at_24)
-    with pytest.raises(KeyboardInterrupt):
-        train.train(tiny_cfg(tmp_path / "b", *args), quiet=True)
-    monkeypatch.setattr(ci.ClassImageTask, "batch", real_batch)
+    killed_at(24, monkeypatch, tiny_cfg(tmp_path / "b", *args))
     assert ckpt.latest(tmp_path / "b").name == "step_0000020"
     resumed = train.train(tiny_cfg(tmp_path / "b", *args), resume=True, quiet=True)["history"]
     assert [r["step"] for r in resumed] == list(range(21, 31))
