@@ -310,6 +310,18 @@ def test_imagenet_folder_and_huggingface(tmp_path):
     with pytest.raises(DataError, match="allow_download=True"):
         data.hf_images("someone/imagenet-1k")
     assert build_dataset("imagenet", "train", root=str(tmp_path / "in"), size=64)[0]["image"].shape == (3, 64, 64)
+    # a split the folder lacks, beside the ones it has, is refused (not read as two classes 'train', 'val')
+    (tmp_path / "in" / "val" / "n01440764").mkdir(parents=True)
+    Image.open(files[0]).save(tmp_path / "in" / "val" / "n01440764" / "v.png")
+    with pytest.raises(DataError, match="no 'validation' folder.*train, val"):
+        data.imagenet(tmp_path / "in", "validation")
+    # a folder of class folders is the split it is named as
+    assert len(data.imagenet(tmp_path / "in" / "val", "val", size=64)) == 1
+    # a dataset snapshot's data/ of parquet files is read as a HuggingFace dataset, not as one class
+    (tmp_path / "snap" / "data").mkdir(parents=True)
+    hf.to_parquet(str(tmp_path / "snap" / "data" / "train-00000-of-00001.parquet"))
+    snap = data.imagenet(tmp_path / "snap", "train")
+    assert len(snap) == 2 and np.array_equal(snap[1]["image"], want[1])
 
 
 def test_bad_images(tmp_path):

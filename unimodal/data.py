@@ -40,6 +40,7 @@ from unimodal.assets import VIDEO_ASSETS, asset_path, cache_dir
 
 log = logging.getLogger(__name__)
 
+SPLIT_NAMES = ("train", "val", "valid", "validation", "test")  # folders that are splits, never classes
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
@@ -490,6 +491,11 @@ def image_folder(root, split: str | None = None, size: int = 256, crop: str = "a
         raise DataError(f"{root}: image directory does not exist")
     if split and (root / split).is_dir():
         root = root / split
+    elif split:  # <root> read as the split itself: refused where it holds other splits' folders
+        others = sorted(d.name for d in root.iterdir() if d.is_dir() and d.name in SPLIT_NAMES)
+        if others:
+            raise DataError(f"{root}: no {split!r} folder (it has {', '.join(others)}); name the split's folder "
+                            f"or pass one of those splits")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise DataError(f"{root}: no class subfolders (expected <root>/<class>/<image>; ImageNet's val images "
@@ -591,7 +597,12 @@ def imagenet(root, split: str = "train", size: int = 256, **kw):
     p = Path(str(root)).expanduser()
     if p.is_dir() and not _is_saved_dataset(p):
         sub = p / split if (p / split).is_dir() else p
-        has_classes = any(d.is_dir() for d in sub.iterdir())
+        if sub is p and any(d.is_dir() and d.name in SPLIT_NAMES for d in p.iterdir()):
+            kw.pop("allow_download", None)
+            return image_folder(p, split, size, **kw)  # which names the splits it has
+        # class folders hold images directly; a dataset snapshot's data/ holds parquet or arrow files
+        has_classes = any(d.is_dir() and not d.name.startswith(".") and any(
+            f.suffix.lower() in IMAGE_EXTENSIONS for f in d.iterdir()) for d in sub.iterdir())
         if has_classes:
             kw.pop("allow_download", None)
             return image_folder(p, split, size, **kw)
