@@ -86,8 +86,10 @@ class ClassImageTask(Task):
                 x = D._pad(x, t.image_size) if t.image_size != 28 else x
                 self._data = ("array", torch.from_numpy(x), torch.from_numpy(y))
             else:
-                ds = D.build_dataset(t.dataset, "train", **({} if Path(t.dataset, "meta.json").exists()
-                                                           else {"size": t.image_size}))
+                cached = Path(t.dataset, "meta.json").exists()
+                if cached:  # its latents are decoded by this task's codec
+                    D.check_latent_cache(t.dataset, self.codec, self.cfg.model.latent_channels)
+                ds = D.build_dataset(t.dataset, "train", **({} if cached else {"size": t.image_size}))
                 self._data = ("dataset", ds, None)
         return self._data
 

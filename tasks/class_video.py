@@ -119,7 +119,8 @@ class ClassVideoTask(Task):
             if self.moving_mnist:
                 x, y = self._moving_mnist("train", t.num_clips)
                 self._data = ("array", torch.from_numpy(x), torch.from_numpy(y))
-            elif Path(t.dataset, "meta.json").exists():
+            elif Path(t.dataset, "meta.json").exists():  # its latents are decoded by this task's codec
+                D.check_latent_cache(t.dataset, self.codec, self.cfg.model.latent_channels)
                 self._data = ("dataset", D.load_latent_cache(t.dataset), None)
             else:
                 self._data = ("dataset", D.build_dataset(t.dataset, "train", frames=t.frames, stride=t.frame_stride,

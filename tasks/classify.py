@@ -272,6 +272,8 @@ class ClassifyTask(Task):
                 if split != "train" and Path(name, "meta.json").exists() and Path(name).resolve() == Path(t.dataset).resolve():
                     raise D.DataError(f"task.dataset {t.dataset} is a latent cache, which holds one split: set "
                                       f"task.test_dataset to a latent cache of the {t.test_split} split")
+                if Path(name, "meta.json").exists():
+                    D.check_latent_cache(name, latent_channels=self.cfg.model.latent_channels)
                 ds = D.build_dataset(name, ds_split, **({} if Path(name, "meta.json").exists() else {"size": t.image_size}))
                 if split != "train":
                     self._check_held_out(name, ds)

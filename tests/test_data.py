@@ -428,6 +428,7 @@ def test_image_training_flips_images_before_encoding_or_takes_the_cached_flip(tm
     for dataset in ("mnist", str(out)):
         cfg = load_config(ROOT / "configs/mnist_class_tiny.py", [f"task.dataset={dataset}", "task.codec=vae",
                                                                  f"task.vae_path={tmp_path / 'vae'}", "task.hflip=true",
+                                                                 "model.latent_channels=4",
                                                                  "task.image_size=32"])
         z, y = build_task(cfg)._train_latents(idx, flip)
         assert y.tolist() == labels[:8].tolist()
@@ -436,6 +437,17 @@ def test_image_training_flips_images_before_encoding_or_takes_the_cached_flip(tm
         else:
             expect = np.where(flip[:, None, None, None].numpy(), cached["latent_flip"], cached["latent"])
             assert np.array_equal(z.numpy(), expect)
+    # a cache is decoded by the task's VAE: another VAE (other weights, or another scaling) is refused
+    for name, factor, match in (("other", 0.5, "VAE .*sha256"), ("scaled", 0.25, "scaling_factor 0.5")):
+        torch.manual_seed(1)
+        AutoencoderKL(in_channels=1, out_channels=1, latent_channels=4, block_out_channels=(8, 16, 16),
+                      down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                      layers_per_block=1, norm_num_groups=8, scaling_factor=factor).save_pretrained(tmp_path / name)
+        cfg = load_config(ROOT / "configs/mnist_class_tiny.py", [f"task.dataset={out}", "task.codec=vae",
+                                                                 f"task.vae_path={tmp_path / name}", "task.image_size=32",
+                                                                 "model.latent_channels=4"])
+        with pytest.raises(DataError, match=match):
+            build_task(cfg).dataset_size()
 
 
 def test_cache_latents_skips_bad_images(tmp_path):
@@ -447,6 +459,10 @@ def test_cache_latents_skips_bad_images(tmp_path):
                         "--codec", "pixel", "--on-error", "skip", "--out", str(tmp_path / "c")])
     assert info["count"] == 2 and len(info["skipped"]) == 1 and "zz_corrupt.png" in info["skipped"][0][1]
     assert data.load_latent_cache(tmp_path / "c")[:]["latent"].shape == (2, 3, 16, 16)
+    # the dataset named by its path, as --help allows
+    info = script.main(["--dataset", str(root), "--dataset-kw", json.dumps({"size": 16}), "--codec", "pixel",
+                        "--on-error", "skip", "--out", str(tmp_path / "p")])
+    assert info["count"] == 2 and len(info["skipped"]) == 1 and info["input_shape"] == [3, 16, 16]
 
 
 @pytest.mark.parametrize("name", ["train_vae", "train_bpe", "cache_latents"])

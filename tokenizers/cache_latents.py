@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -48,6 +49,7 @@ def parse_args(argv=None):
                    help="a bad item (corrupt image, truncated video): stop, or skip and count it")
     p.add_argument("--seed", type=int, default=0, help="generator seed for --sample")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the VAE runs")
     return p.parse_args(argv)
 
 
@@ -123,12 +125,13 @@ def cache_latents(ds, codec, out, flip: bool = False, batch_size: int = 64, shar
         buf = {k: [] for k in buf}
 
     kw = {} if isinstance(codec, PixelCodec) or generator is None else {"generator": generator}
-    t0 = time.time()
+    t0, input_shape = time.time(), None
     for lo in tqdm(range(0, n, batch_size), desc=f"encoding {column}s", unit="batch"):
         x, y = _fetch(ds, column, lo, min(lo + batch_size, n), on_error, skipped)
         if x is None:
             continue
         x = _to_codec_input(x, column)  # (B,C,H,W) or (B,T,C,H,W) in [-1,1]
+        input_shape = list(x.shape[1:])
         buf["latent"].append(codec.encode(x, **kw).numpy().astype(dtype))
         if flip:
             buf["latent_flip"].append(codec.encode(x.flip(-1), **kw).numpy().astype(dtype))
@@ -139,10 +142,13 @@ def cache_latents(ds, codec, out, flip: bool = False, batch_size: int = 64, shar
     flush()
     info = {"count": count, "shards": shards, "flip": flip, "dtype": dtype, "column": column,
             "latent_channels": codec.latent_channels, "downsample": codec.downsample,
-            "codec": repr(codec), "scaling_factor": getattr(codec, "scaling_factor", 1.0),
+            "codec": repr(codec), "vae_sha256": codec.fingerprint() if hasattr(codec, "fingerprint") else None,
+            "input_shape": input_shape, "scaling_factor": getattr(codec, "scaling_factor", 1.0),
             "shift_factor": getattr(codec, "shift_factor", 0.0), "seconds": time.time() - t0,
             "skipped": skipped.items, **(meta or {})}
-    (out / "meta.json").write_text(json.dumps(info, indent=2, default=str))
+    tmp = out / f".meta.json.{os.getpid()}"
+    tmp.write_text(json.dumps(info, indent=2, default=str))
+    os.replace(tmp, out / "meta.json")  # atomic: a cache is complete once it has a meta.json
     if skipped.count:
         print(skipped.summary())
     return info
@@ -158,14 +164,11 @@ def main(argv=None) -> dict:
             raise SystemExit(f"{out} already holds a latent cache; pass --overwrite to replace it")
         shutil.rmtree(out)
     kw = json.loads(args.dataset_kw)
-    eager_skip = args.on_error == "skip" and args.dataset in ("imagenet", "image_folder", "hf_images", "ucf101")
-    if args.on_error == "skip" and not eager_skip:
-        kw.setdefault("on_error", "skip")  # loaders that read eagerly skip on their own
-    ds = build_dataset(args.dataset, args.split, **kw)
+    ds = build_dataset(args.dataset, args.split, **kw)  # with --on-error skip, bad rows are left out as read
     if args.codec == "vae":
         if not args.vae:
             raise SystemExit("--codec vae needs --vae DIR (a local diffusers AutoencoderKL directory)")
-        codec = VAECodec(args.vae, sample=args.sample, chunk_size=args.batch_size)
+        codec = VAECodec(args.vae, device=args.device, sample=args.sample, chunk_size=args.batch_size)
     else:
         col, first = _probe(ds)
         channels = 3 if (col == "image" and first.ndim == 3) or (col == "video" and first.ndim == 4) else 1

@@ -14,6 +14,7 @@ from the offline carrier, or a tokenizer.json trained by tokenizers/train_bpe.py
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -137,6 +138,21 @@ class VAECodec:
         self.in_channels = cfg.in_channels
         self.latent_channels = cfg.latent_channels
         self.downsample = 2 ** (len(cfg.block_out_channels) - 1)
+
+    def fingerprint(self) -> str | None:
+        """sha256 of the VAE's config.json and weight files (what a latent cache records of its VAE); None for a
+        model fetched from the hub."""
+        if getattr(self, "_fingerprint", None) is None and Path(self.path).is_dir():
+            d = Path(self.path) / ("vae" if (Path(self.path) / "vae" / "config.json").exists()
+                                   and not (Path(self.path) / "config.json").exists() else "")
+            h = hashlib.sha256()
+            for f in [d / "config.json"] + sorted(d.glob("diffusion_pytorch_model*")):
+                h.update(f.name.encode())
+                with open(f, "rb") as fh:
+                    for block in iter(lambda: fh.read(1 << 20), b""):
+                        h.update(block)
+            self._fingerprint = h.hexdigest()
+        return getattr(self, "_fingerprint", None)
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

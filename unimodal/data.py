@@ -839,6 +839,31 @@ def load_latent_cache(path):
     return _numpy(ds)
 
 
+def check_latent_cache(path, codec=None, latent_channels: int | None = None) -> dict:
+    """A latent cache's meta.json checked against the codec that decodes what is trained on it (latent
+    channels, downsampling, scaling and shift factors, and the VAE's file fingerprint where both record
+    one) and against the model's latent channels. Returns the meta."""
+    info = latent_cache_info(path)
+    bad = []
+    if latent_channels is not None and info.get("latent_channels") != latent_channels:
+        bad.append(f"latent_channels {info.get('latent_channels')} (the model takes {latent_channels})")
+    if codec is not None:
+        for key in ("latent_channels", "downsample"):
+            if key in info and info[key] != getattr(codec, key):
+                bad.append(f"{key} {info[key]} (the codec's: {getattr(codec, key)})")
+        for key, default in (("scaling_factor", 1.0), ("shift_factor", 0.0)):
+            if key in info and not math.isclose(float(info[key]), float(getattr(codec, key, default)), rel_tol=1e-6):
+                bad.append(f"{key} {info[key]} (the codec's: {getattr(codec, key, default)})")
+        mine = codec.fingerprint() if hasattr(codec, "fingerprint") else None
+        if info.get("vae_sha256") and mine and info["vae_sha256"] != mine:
+            bad.append(f"VAE {info.get('vae')} (sha256 {info['vae_sha256'][:12]}), not the codec's {codec.path} "
+                       f"(sha256 {mine[:12]})")
+    if bad:
+        raise DataError(f"{path}: the latent cache does not match: {'; '.join(bad)}. Cache the data again with "
+                        f"this VAE (tokenizers/cache_latents.py) or point task.vae_path at the cache's VAE")
+    return info
+
+
 class LatentDataset:
     """torch-style map dataset over a latent cache: (latent float tensor, label int).
 
