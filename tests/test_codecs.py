@@ -275,3 +275,8 @@ def test_train_bpe_script(tmp_path):
     codec = TextCodec.from_file(tmp_path / "tokenizer.json")
     assert codec.token_id("<|endoftext|>") == 0 and codec.token_id("<boi>") == 1
     assert codec.decode(codec.encode("And God said")) == "And God said"
+    lines = corpus.read_text().splitlines()
+    corpus.write_text("\n".join(lines[:10] + ["", ""] + lines[10:]) + "\n")  # two bad lines, counted once each
+    stats = load_script("train_bpe").main(["--input", str(corpus), "--vocab-size", "300", "--out", str(tmp_path / "s"),
+                                           "--on-error", "skip"])
+    assert stats["skipped"] == 2

@@ -37,11 +37,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    skipped = Skipped()
-    kw = dict(on_error=args.on_error, skipped=skipped)
+    skipped = Skipped()  # each split load reads the whole file: the train load's count is the file's
     name = "kjv" if args.input is None else args.input
-    train = build_dataset(name, "train", **kw)
-    test = build_dataset(name, "test", **kw)
+    train = build_dataset(name, "train", on_error=args.on_error, skipped=skipped)
+    test = build_dataset(name, "test", on_error=args.on_error, skipped=Skipped())
     texts = [str(t) for t in train[:]["text"]]
     print(f"training on {len(texts)} lines ({sum(map(len, texts)):,} characters) from {name}"
           + (f"; {skipped.count} bad lines skipped" if skipped.count else ""))
