@@ -52,6 +52,9 @@ class ClassVideoConfig:
     speed: tuple[float, float] = (1.0, 3.0)  # Moving MNIST digit speed range, pixels per frame
     frame_stride: int = 1  # UCF-101: take every k-th frame
     fold: int = 1  # UCF-101 split fold
+    # UCF-101 read from the videos: each clip's first frame drawn anew at every visit ("random": the temporal
+    # crop of TATS, StyleGAN-V and Latte), or frame 0 ("start": the clip a latent cache holds)
+    temporal_crop: str = "random"
     codec: str = "pixel"  # pixel | vae
     vae_path: str = ""  # a local diffusers AutoencoderKL directory (codec = vae)
     positions: str = "mrope"  # PackSpec positions: mrope | reference (identical for a lone video segment)
@@ -84,6 +87,8 @@ class ClassVideoTask(Task):
         if t.extend_frames and (t.extend_frames <= t.frames or t.extend_frames % t.frames_per_block):
             raise ValueError(f"task.extend_frames={t.extend_frames} must exceed task.frames={t.frames} and be a "
                              f"multiple of task.frames_per_block={t.frames_per_block} (0 turns it off)")
+        if t.temporal_crop not in ("random", "start"):
+            raise ValueError(f"task.temporal_crop must be 'random' or 'start', got {t.temporal_crop!r}")
         if t.codec == "pixel":
             self.codec = PixelCodec(channels=cfg.model.latent_channels)
         elif t.codec == "vae":
@@ -138,6 +143,15 @@ class ClassVideoTask(Task):
         if kind == "array":
             x = a[idx]
             return torch.where(flip[:, None, None, None], x.flip(-1), x), b[idx], False
+        t = self.tc
+        raw = a.with_format(None)
+        if t.temporal_crop == "random" and "path" in raw.column_names and "latent" not in raw.column_names:
+            rows = raw[idx]  # paths and labels, not yet decoded: each clip from its own random first frame
+            starts = [float(torch.rand((), generator=g)) for g in gens]  # in [0, 1) of the starts that fit
+            x = torch.as_tensor(np.stack([D.decode_video(path, t.frames, t.frame_stride, u, t.image_size, "spread")[0]
+                                          for path, u in zip(rows["path"], starts)]))  # (N, T, H, W, 3)
+            y = torch.as_tensor(np.asarray(rows["label"]))
+            return torch.where(flip[:, None, None, None, None], x.flip(-2), x), y, False
         rows = a[idx]
         y = torch.as_tensor(np.asarray(rows["label"]))
         if "latent" in rows:

@@ -147,6 +147,16 @@ def test_video_clips_dataset_options():
     assert np.array_equal(part, full[2:2 + 16:3])
     centre, _ = data.decode_video(path, frames=10, start="center")
     assert np.array_equal(centre, full[55:65])
+    # a fractional start u begins at u x the last start that fits (a random temporal crop for a random u)
+    n = len(full)
+    for u in (0.0, 0.37, 0.999):
+        s = int(u * (n - 28 + 1))
+        assert np.array_equal(data.decode_video(path, frames=10, stride=3, start=u)[0], full[s:s + 28:3])
+    # a clip shorter than the span: an error, or its frames evenly spaced
+    with pytest.raises(DataError, match="decodable frames"):
+        data.decode_video(path, frames=60, stride=3)
+    spread, _ = data.decode_video(path, frames=60, stride=3, short="spread")
+    assert np.array_equal(spread, full[np.linspace(0, n - 1, 60).round().astype(int)])
     native = data.video_clips(names=["video_carphone_pristine", "video_bikes"], frames=3)
     with av.open(str(asset_path("video_bikes"))) as c:
         hw = (c.streams.video[0].height, c.streams.video[0].width)
@@ -234,6 +244,33 @@ def test_ucf101_reads_the_standard_layout(ucf_root):
     batch = next(iter(torch.utils.data.DataLoader(lazy, batch_size=2)))
     assert batch["video"].shape == (2, 16, 32, 32, 3) and batch["video"].dtype == torch.uint8
     assert len(build_dataset(str(root), "test", frames=4, size=16)) == 3
+    # 16 frames at stride 2 span 31 of these 20-frame clips: spread over the clip, not an error mid-epoch
+    short = data.ucf101(root, "train", frames=16, stride=2, size=32)
+    assert short[0]["video"].shape == (16, 32, 32, 3)
+    with pytest.raises(DataError, match="decodable frames"):
+        data.ucf101(root, "train", frames=16, stride=2, size=32, short="raise")[0]
+
+
+def test_video_training_crops_each_clip_from_a_random_first_frame(ucf_root):
+    """UCF-101 read from the videos: each visit draws its clip's first frame from the sample's generator
+    (temporal_crop="random"); "start" takes frame 0, as the loader (and a latent cache) does."""
+    from tasks import build_task
+    from unimodal.config import load_config
+    root, _ = ucf_root
+    over = [f"task.dataset={root}", "task.frames=8", "task.image_size=32", "task.num_classes=3", "task.hflip=False"]
+    task = build_task(load_config(ROOT / "configs/moving_mnist_video_tiny.py", over))
+    gens = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
+    x, y, is_latent = task._examples([0, 0, 1], gens)
+    assert x.shape == (3, 8, 32, 32, 3) and y.tolist() == [0, 0, 1] and not is_latent
+    path = data.ucf101(root, "train", frames=8, size=32).with_format(None)[0]["path"]
+    for i, seed in enumerate((1, 2)):
+        u = float(torch.rand((), generator=torch.Generator().manual_seed(seed)))  # the draw after none (no flips)
+        want = data.decode_video(path, 8, 1, u, 32)[0]
+        assert np.array_equal(x[i].numpy(), want)
+    assert not np.array_equal(x[0].numpy(), x[1].numpy())  # two visits, two crops
+    start = build_task(load_config(ROOT / "configs/moving_mnist_video_tiny.py", over + ["task.temporal_crop=start"]))
+    x0, _, _ = start._examples([0], [torch.Generator().manual_seed(1)])
+    assert np.array_equal(x0[0].numpy(), data.ucf101(root, "train", frames=8, size=32)[0]["video"])
 
 
 def test_ucf101_bad_inputs(ucf_root, tmp_path):

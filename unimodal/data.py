@@ -627,15 +627,34 @@ def _resize_frame(img, size):
     return np.asarray(img.resize((w, h), resample=Image.BICUBIC))
 
 
-def decode_video(path, frames: int | None = None, stride: int = 1, start: int | str = 0,
-                 size: int | tuple[int, int] | None = None) -> tuple[np.ndarray, float]:
+def decode_video(path, frames: int | None = None, stride: int = 1, start: int | float | str = 0,
+                 size: int | tuple[int, int] | None = None, short: str = "raise") -> tuple[np.ndarray, float]:
     """Decode a video with PyAV -> (uint8 (T,H,W,3) RGB, fps).
 
     frames=None decodes every stride-th frame from `start` to the end (and checks that the
     container's reported frame count was all there); otherwise exactly `frames` frames
-    start, start+stride, ... (start="center" centres the span). A missing, unreadable or too
-    short file raises DataError naming it.
+    start, start+stride, ... (start="center" centres the span; a float u in [0, 1) starts at
+    u x the last start that fits: a random temporal crop for a random u). A missing or unreadable
+    file raises DataError naming it; so does a clip shorter than the span, unless short="spread":
+    then `frames` frames evenly spaced over the whole clip (as Latte's loader does).
     """
+    if short not in ("raise", "spread"):
+        raise ValueError(f"short must be 'raise' or 'spread', got {short!r}")
+    try:
+        return _decode_video(path, frames, stride, start, size)
+    except _TooShort as e:
+        if short == "raise":
+            raise DataError(str(e)) from None
+        every, fps = _decode_video(path, None, 1, 0, size)  # (n, H, W, 3): a short clip, all of it
+        pick = np.linspace(0, len(every) - 1, frames).round().astype(int)
+        return every[pick], fps
+
+
+class _TooShort(DataError):
+    pass
+
+
+def _decode_video(path, frames, stride, start, size) -> tuple[np.ndarray, float]:
     import av
 
     p = Path(path)
@@ -658,8 +677,12 @@ def decode_video(path, frames: int | None = None, stride: int = 1, start: int | 
         span = None if frames is None else (frames - 1) * stride + 1
         if start == "center":
             start = max(0, (reported - span) // 2) if span and reported else 0
+        elif isinstance(start, float):
+            if not 0.0 <= start < 1.0:
+                raise ValueError(f"a fractional start must lie in [0, 1), got {start}")
+            start = int(start * (reported - span + 1)) if span and reported > span else 0
         if not isinstance(start, int) or start < 0:
-            raise ValueError(f"start must be an int >= 0 or 'center', got {start!r}")
+            raise ValueError(f"start must be an int >= 0, a float in [0, 1) or 'center', got {start!r}")
         last = None if span is None else start + span - 1
         out, n = [], 0
         try:
@@ -673,7 +696,7 @@ def decode_video(path, frames: int | None = None, stride: int = 1, start: int | 
         except (av.FFmpegError, OSError) as e:
             raise DataError(f"{p}: decoding failed after {n} frames ({type(e).__name__}: {e})") from None
     if span is not None and n < start + span:
-        raise DataError(f"{p}: has only {n} decodable frames; {frames} frames at stride {stride} from frame {start} "
+        raise _TooShort(f"{p}: has only {n} decodable frames; {frames} frames at stride {stride} from frame {start} "
                         f"need {start + span}")
     if span is None and reported and n < reported:
         raise DataError(f"{p}: truncated, decoded {n} of the {reported} frames its container reports")
@@ -784,9 +807,11 @@ def ucf101_splits(root, split: str = "train", fold: int = 1, splits_dir=None) ->
 
 def ucf101(root, split: str = "train", fold: int = 1, frames: int = 16, stride: int = 1, start: int | str = 0,
            size: int | tuple[int, int] = 64, eager: bool = False, splits_dir=None, on_error: str = "raise",
-           skipped: Skipped | None = None):
+           skipped: Skipped | None = None, short: str = "spread"):
     """UCF-101 (<root>/<Class>/v_<Class>_gXX_cYY.avi + ucfTrainTestlist/) -> video uint8 (T,S,S,3)
-    of `frames` frames at `stride` (PyAV), label (classInd index - 1), path."""
+    of `frames` frames at `stride` (PyAV), label (classInd index - 1), path. A clip shorter than the
+    span gives its frames evenly spaced (short="spread"; the shortest UCF-101 clips have 29 frames,
+    fewer than 16 at stride 3 need), or raises (short="raise")."""
     from datasets import Array4D, ClassLabel, Dataset, Features, Value
 
     _check_on_error(on_error)
@@ -799,7 +824,7 @@ def ucf101(root, split: str = "train", fold: int = 1, frames: int = 16, stride: 
     item = {"video": Array4D((frames,) + hw + (3,), "uint8"), "label": label_feat, "path": Value("string")}
 
     def decode(p):
-        return decode_video(p, frames, stride, start, size)[0]  # (T,S,S,3)
+        return decode_video(p, frames, stride, start, size, short)[0]  # (T,S,S,3)
 
     def transform(batch):
         return {"video": np.stack([decode(p) for p in batch["path"]]),
