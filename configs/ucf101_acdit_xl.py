@@ -11,6 +11,8 @@ this file, not numbers from the paper. Train from a latent cache to skip the VAE
         --dataset-kw '{"frames": 16, "stride": 3, "size": 256}' --codec vae --vae /models/sd-vae-ft-ema \\
         --flip --out /data/latents/ucf101-16x256
     accelerate launch --num_processes 8 train.py configs/ucf101_acdit_xl.py task.dataset=/data/latents/ucf101-16x256
+A latent cache holds one 16-frame crop per video (from frame 0); trained from the videos, each visit
+draws its crop's first frame (task.temporal_crop="random") and the VAE runs in the loop.
 FVD (task.fvd=True) needs the real clips: task.fvd_reference=/data/UCF-101.
 """
 from tasks.class_video import ClassVideoConfig
