@@ -487,6 +487,36 @@ def test_image_training_flips_images_before_encoding_or_takes_the_cached_flip(tm
             build_task(cfg).dataset_size()
 
 
+def test_a_killed_caching_run_continues_from_its_last_shard(tmp_path, monkeypatch):
+    script = load_script("cache_latents")
+    args = ["--dataset", "mnist", "--split", "test", "--dataset-kw", '{"size": 32}', "--codec", "pixel", "--flip",
+            "--limit", "40", "--batch-size", "8", "--shard-size", "16"]
+    whole = script.main(args + ["--out", str(tmp_path / "whole")])
+    real, seen = script._fetch, []
+
+    def killed(ds, col, lo, hi, on_error, skipped):
+        seen.append(lo)
+        if lo == 24 and seen.count(24) == 1:
+            raise KeyboardInterrupt("killed")
+        return real(ds, col, lo, hi, on_error, skipped)
+    monkeypatch.setattr(script, "_fetch", killed)
+    with pytest.raises(KeyboardInterrupt):
+        script.main(args + ["--out", str(tmp_path / "part")])
+    assert not (tmp_path / "part" / "meta.json").exists()
+    again = script.main(args + ["--out", str(tmp_path / "part")])
+    assert seen == [0, 8, 16, 24, 16, 24, 32]  # the second run starts after the last shard written (rows 0-15)
+    assert again["count"] == whole["count"] == 40 and again["shards"] == whole["shards"]
+    a, b = data.load_latent_cache(tmp_path / "whole")[:], data.load_latent_cache(tmp_path / "part")[:]
+    for k in ("latent", "latent_flip", "label"):
+        assert np.array_equal(a[k], b[k]), k
+    assert not (tmp_path / "part" / "progress.json").exists()
+    (tmp_path / "third").mkdir()  # a partial cache is continued only as it was begun
+    (tmp_path / "third" / "progress.json").write_text(json.dumps(
+        {"settings": {"n": 1}, "shards": [], "count": 0, "next": 0, "skipped": [], "input_shape": None}))
+    with pytest.raises(SystemExit, match="other settings"):
+        script.main(args + ["--out", str(tmp_path / "third")])
+
+
 def test_cache_latents_skips_bad_images(tmp_path):
     root = tmp_path / "imgs"
     make_image_folder(root)

@@ -9,6 +9,9 @@ Each shard is a datasets save_to_disk directory with columns latent (c,h,w) or (
 label, and with --flip latent_flip (the latents of the horizontally flipped input, a second
 copy a loader may pick at random). meta.json, written last, lists the shards and the codec.
 Read the result with unimodal.data.load_latent_cache(out) or unimodal.data.LatentDataset(out).
+A run that stops before meta.json is written (a crash, a kill) continues from its last shard when
+started again with the same arguments (progress.json records the shards written); with --sample,
+batch b draws from a generator seeded by (--seed, b), so the continued cache equals an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -104,11 +107,24 @@ def cache_latents(ds, codec, out, flip: bool = False, batch_size: int = 64, shar
     column, _ = _probe(ds)
     n = len(ds) if limit is None else min(limit, len(ds))
     skipped = Skipped()
-    shards, buf, count = [], {"latent": [], "label": []}, 0
+    shards, buf, count, first, input_shape = [], {"latent": [], "label": []}, 0, 0, None
     if flip:
         buf["latent_flip"] = []
+    settings = json.loads(json.dumps({"n": n, "batch_size": batch_size, "shard_size": shard_size, "flip": flip,
+                                      "dtype": dtype, "codec": repr(codec), "meta": meta or {},
+                                      "seed": generator.initial_seed() if generator is not None else None},
+                                     default=str))
+    progress = out / "progress.json"
+    if progress.exists():
+        done = json.loads(progress.read_text())
+        if done["settings"] != settings:
+            raise ValueError(f"{out} holds a partial cache made with other settings ({done['settings']}); pass "
+                             f"--overwrite to start again")
+        shards, count, first, input_shape = done["shards"], done["count"], done["next"], done["input_shape"]
+        skipped.items = [tuple(i) for i in done["skipped"]]
+        print(f"continuing {out}: {count} items in {len(shards)} shard(s) already written")
 
-    def flush():
+    def flush(next_item: int):
         nonlocal buf
         if not buf["label"]:
             return
@@ -123,23 +139,29 @@ def cache_latents(ds, codec, out, flip: bool = False, batch_size: int = 64, shar
         Dataset.from_dict(cols, features=Features(feats)).save_to_disk(str(out / name))
         shards.append(name)
         buf = {k: [] for k in buf}
+        tmp = out / f".progress.json.{os.getpid()}"
+        tmp.write_text(json.dumps({"settings": settings, "shards": shards, "count": count, "next": next_item,
+                                   "skipped": skipped.items, "input_shape": input_shape}))
+        os.replace(tmp, progress)
 
-    kw = {} if isinstance(codec, PixelCodec) or generator is None else {"generator": generator}
-    t0, input_shape = time.time(), None
-    for lo in tqdm(range(0, n, batch_size), desc=f"encoding {column}s", unit="batch"):
+    t0 = time.time()
+    for lo in tqdm(range(first, n, batch_size), desc=f"encoding {column}s", unit="batch",
+                   initial=first // batch_size, total=-(-n // batch_size)):
         x, y = _fetch(ds, column, lo, min(lo + batch_size, n), on_error, skipped)
         if x is None:
             continue
         x = _to_codec_input(x, column)  # (B,C,H,W) or (B,T,C,H,W) in [-1,1]
         input_shape = list(x.shape[1:])
+        kw = {} if isinstance(codec, PixelCodec) or generator is None else \
+            {"generator": torch.Generator().manual_seed(generator.initial_seed() * 1_000_003 + lo // batch_size)}
         buf["latent"].append(codec.encode(x, **kw).numpy().astype(dtype))
         if flip:
             buf["latent_flip"].append(codec.encode(x.flip(-1), **kw).numpy().astype(dtype))
         buf["label"].append(y)
         count += len(y)
         if sum(len(b) for b in buf["label"]) >= shard_size:
-            flush()
-    flush()
+            flush(lo + batch_size)
+    flush(n)
     info = {"count": count, "shards": shards, "flip": flip, "dtype": dtype, "column": column,
             "latent_channels": codec.latent_channels, "downsample": codec.downsample,
             "codec": repr(codec), "vae_sha256": codec.fingerprint() if hasattr(codec, "fingerprint") else None,
@@ -149,6 +171,7 @@ def cache_latents(ds, codec, out, flip: bool = False, batch_size: int = 64, shar
     tmp = out / f".meta.json.{os.getpid()}"
     tmp.write_text(json.dumps(info, indent=2, default=str))
     os.replace(tmp, out / "meta.json")  # atomic: a cache is complete once it has a meta.json
+    progress.unlink(missing_ok=True)
     if skipped.count:
         print(skipped.summary())
     return info
@@ -159,7 +182,7 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
-    if (out / "meta.json").exists():
+    if (out / "meta.json").exists() or (args.overwrite and (out / "progress.json").exists()):
         if not args.overwrite:
             raise SystemExit(f"{out} already holds a latent cache; pass --overwrite to replace it")
         shutil.rmtree(out)
@@ -175,8 +198,11 @@ def main(argv=None) -> dict:
         codec = PixelCodec(channels)
     gen = torch.Generator().manual_seed(args.seed) if args.sample else None
     meta = {"dataset": args.dataset, "split": args.split, "dataset_kw": kw, "vae": args.vae}
-    info = cache_latents(ds, codec, out, args.flip, args.batch_size, args.shard_size, args.dtype, args.on_error,
-                         args.limit, meta, gen)
+    try:
+        info = cache_latents(ds, codec, out, args.flip, args.batch_size, args.shard_size, args.dtype, args.on_error,
+                             args.limit, meta, gen)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     print(f"cached {info['count']} items in {len(info['shards'])} shard(s) at {out} "
           f"({info['seconds']:.1f}s, {len(info['skipped'])} skipped)")
     return info
