@@ -8,7 +8,8 @@
     accelerate launch --num_processes 8 train.py configs/imagenet256_acdit_xl.py   # multi-GPU (DDP or FSDP)
 
 Overrides are dotted `key=value` pairs checked against the config dataclasses: an unknown key
-fails. The loop: bf16 autocast (CPU too) over fp32 master weights, AdamW, a warmup-stable-decay
+fails. The loop: bf16 autocast where the hardware computes bf16 natively (`precision="auto"`; on
+GPUs and on CPUs with AVX512-BF16 or AMX) over fp32 master weights, AdamW, a warmup-stable-decay
 schedule, gradient clipping, EMA; a progress bar with loss, tokens/s and ETA; TensorBoard logs
 and sample grids; atomic checkpoints (safetensors weights, optimizer, schedule, EMA, RNG, data
 position). A non-finite loss or gradient norm stops the run before the optimizer step, leaving
@@ -21,6 +22,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import re
 import shutil
 import sys
@@ -137,8 +139,13 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, overwrite
     if cfg.init_from:
         sd = ckpt.load_weights(cfg.init_from, ema=(Path(ckpt.resolve(cfg.init_from)) / "ema.safetensors").exists())
         missing, unexpected = getattr(model, "load_backbone", model.load_state_dict)(sd, strict=False)
+        if missing or unexpected:  # a partial load would train from a partly random model
+            raise ckpt.CheckpointError(
+                f"init_from={cfg.init_from} does not fit the model: {len(missing)} of its parameters missing "
+                f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}); the model config "
+                f"must be the checkpoint's (its config.json)")
         if main and not quiet:
-            print(f"initialised from {cfg.init_from}: {len(missing)} missing, {len(unexpected)} unexpected keys")
+            print(f"initialised from {cfg.init_from}")
     model.to(device)
     # warmup: diffusers' 1 - (1 + step)^-3/4 ramp, capped at ema_decay; else DiT's constant decay from step 1
     ema = EMAModel(model.parameters(), decay=cfg.ema_decay, use_ema_warmup=cfg.ema_warmup, power=3 / 4,
@@ -180,7 +187,9 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, overwrite
             ckpt.set_rng_state(state["rng"])
             start = int(state["step"])
             if main and not quiet:
-                print(f"resumed from {last} at step {start}")
+                print(f"resumed from {last} at step {start}" + (
+                    f": the run is complete ({cfg.steps} steps); pass a larger steps= to train on" if start >= cfg.steps
+                    else ""))
     train_model, opt = accelerator.prepare(model, opt)
     writer = None
     if main:
@@ -352,16 +361,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--overwrite", action="store_true",
                     help="start a new run in an out_dir that holds another run's checkpoints, deleting that run")
     ap.add_argument("--quiet", action="store_true", help="no progress bar or prints")
-    args = ap.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    args = ap.parse_intermixed_args(argv)
     keep_freed_memory()
     try:
+        cfg = load_config(args.config, args.overrides)
         train(cfg, resume=args.resume, quiet=args.quiet, overwrite=args.overwrite)
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(3)
-    except OutDirInUse as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (OutDirInUse, ckpt.CheckpointError, FileNotFoundError, KeyError, TypeError, ValueError) as e:
+        if os.environ.get("UNIMODAL_DEBUG") == "1":
+            raise
+        print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}\n"
+              f"(UNIMODAL_DEBUG=1 shows the traceback)", file=sys.stderr)
         sys.exit(2)
     finally:  # each process leaves its group when done (left to interpreter exit, gloo may abort the process)
         if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -17,6 +17,22 @@ def _seed(*parts: int) -> int:
     return int.from_bytes(h, "little") & ((1 << 63) - 1)
 
 
+def check_config(cfg, at_least_one: tuple[str, ...] = (), non_negative: tuple[str, ...] = (),
+                 choices: dict[str, tuple] | None = None) -> None:
+    """A task config's fields checked when it is made (overrides included): raises naming every bad one."""
+    name = type(cfg).__name__
+    bad = [f"task.{f} must be at least 1, got {getattr(cfg, f)}" for f in at_least_one if getattr(cfg, f) < 1]
+    bad += [f"task.{f} must be 0 or more, got {getattr(cfg, f)}" for f in non_negative if getattr(cfg, f) < 0]
+    bad += [f"task.{f} must be one of {c}, got {getattr(cfg, f)!r}" for f, c in (choices or {}).items()
+            if getattr(cfg, f) not in c]
+    if bad:
+        raise ValueError(f"{name}: " + "; ".join(bad))
+
+
+SCHEDULERS = ("dpm", "ddim", "ddpm")  # unimodal.diffusion.sampling_scheduler's
+CODECS = ("pixel", "vae")
+
+
 class Task(abc.ABC):
     """Base class. Subclasses implement `batch`, `loss`, `evaluate` and usually `preview`.
 

@@ -30,7 +30,7 @@ from unimodal.sampling import SequenceSampler, row_generators
 from unimodal.sequence import Image, PackSpec, Sample, pack
 from unimodal.visualize import save_image_grid, to_uint8
 
-from .base import Task
+from .base import CODECS, SCHEDULERS, Task, check_config
 
 
 @dataclass
@@ -55,6 +55,11 @@ class ClassImageConfig:
     fid_reference: str = ""
     fid_reference_images: int = 0  # images of a dataset reference, in a fixed random order (0: all, as ADM)
     inception_path: str = ""  # local TorchScript Inception (default: the offline carrier)
+
+    def __post_init__(self) -> None:
+        check_config(self, ("image_size", "num_classes", "block", "sample_steps", "eval_samples", "eval_batch"),
+                     ("class_dropout", "snr_gamma", "cfg_scale", "fid_reference_images"),
+                     {"codec": CODECS, "scheduler": SCHEDULERS})
 
 
 class ClassImageTask(Task):

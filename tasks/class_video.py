@@ -39,7 +39,7 @@ from unimodal.sampling import SequenceSampler, row_generators
 from unimodal.sequence import PackSpec, Sample, Video, pack
 from unimodal.visualize import save_video_grid, to_uint8
 
-from .base import Task
+from .base import CODECS, SCHEDULERS, Task, check_config
 
 
 @dataclass
@@ -74,6 +74,13 @@ class ClassVideoConfig:
     fvd_reference: str = ""  # real clips for FVD: a UCF-101 root (default: the training data)
     fvd_reference_clips: int = 2048  # at most this many real clips for the FVD statistics
     i3d_path: str = ""  # local I3D weights (default: the offline carrier)
+
+    def __post_init__(self) -> None:
+        check_config(self, ("frames", "image_size", "num_classes", "num_clips", "frame_stride", "frames_per_block",
+                            "sample_steps", "eval_samples", "eval_batch", "fps", "fvd_reference_clips"),
+                     ("class_dropout", "snr_gamma", "cfg_scale", "extend_frames"),
+                     {"codec": CODECS, "scheduler": SCHEDULERS, "temporal_crop": ("random", "start"),
+                      "positions": ("mrope", "reference")})
 
 
 class ClassVideoTask(Task):

@@ -34,7 +34,7 @@ from unimodal.masks import Layout
 from unimodal.model import ACDiT, ModelInput
 from unimodal.sequence import Image, PackSpec, lay_out, patchify_image
 
-from .base import Task, _seed
+from .base import CODECS, Task, _seed, check_config
 
 
 @dataclass
@@ -60,6 +60,11 @@ class ClassifyConfig:
     hflip: bool = False  # random horizontal flips (off for digits)
     shift: int = 0  # random translation by up to this many latent pixels per axis (edges replicated)
     eval_batch: int = 256
+
+    def __post_init__(self) -> None:
+        check_config(self, ("image_size", "num_classes", "block", "eval_batch"),
+                     ("train_limit", "test_limit", "feature_layer", "head_init_std", "label_smoothing", "mixup",
+                      "cutmix", "mix_prob", "switch_prob", "shift"), {"codec": CODECS, "pool": ("all", "context")})
 
 
 # ----------------------------------------------------------------------------- clean-block input

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from unimodal import shards
 from unimodal.config import resolve_precision
 
+from .base import CODECS, check_config
 from .classify import Classifier, ClassifyTask, top_k
 
 
@@ -48,6 +49,11 @@ class LinearProbeConfig:
     head_init_std: float = 0.01  # MAE linear probe: trunc_normal(std=0.01)
     label_smoothing: float = 0.0
     eval_batch: int = 256  # images per forward pass when computing features
+
+    def __post_init__(self) -> None:
+        check_config(self, ("image_size", "num_classes", "block", "eval_batch"),
+                     ("train_limit", "test_limit", "feature_layer", "head_init_std", "label_smoothing"),
+                     {"codec": CODECS, "pool": ("all", "context")})
 
 
 class LinearProbeTask(ClassifyTask):

@@ -37,7 +37,7 @@ from unimodal.sampling import SequenceSampler, _Tokens
 from unimodal.sequence import Image, PackSpec, Sample, Text, lay_out, pack
 from unimodal.visualize import save_image_grid, to_uint8
 
-from .base import Task
+from .base import SCHEDULERS, Task, check_config
 
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 TEMPLATES = ("a handwritten {}", "the digit {}", "a picture of the number {}", "an image of a handwritten {}",
@@ -68,6 +68,10 @@ class MixedCaptionConfig:
     eval_samples: int = 200  # caption -> image samples, and as many real images to caption
     eval_batch: int = 100
     max_caption: int = 12  # tokens decoded per caption at most
+
+    def __post_init__(self) -> None:
+        check_config(self, ("image_size", "block", "sample_steps", "eval_samples", "eval_batch", "max_caption"),
+                     ("caption_to_image", "text_weight", "image_weight"), {"scheduler": SCHEDULERS})
 
 
 def feed_image(s: SequenceSampler, latents: torch.Tensor, block) -> None:

@@ -34,7 +34,7 @@ from unimodal.diffusion import model_input
 from unimodal.sampling import SequenceSampler
 from unimodal.sequence import IGNORE, PackSpec, Sample, Text, pack
 
-from .base import Task
+from .base import Task, check_config
 
 PROMPTS = ("In the beginning", "And the LORD said unto Moses,", "Blessed are the", "For God so loved")
 
@@ -52,6 +52,10 @@ class TextLMConfig:
     samples_per_prompt: int = 2  # nucleus samples per prompt (plus one greedy)
     temperature: float = 0.8
     top_p: float = 0.9
+
+    def __post_init__(self) -> None:
+        check_config(self, ("vocab_size", "seq_len", "eval_batch", "sample_tokens"),
+                     ("eval_tokens", "samples_per_prompt", "temperature", "top_p"))
 
 
 def bpe_codec(dataset: str, vocab_size: int) -> TextCodec:

@@ -189,6 +189,34 @@ def test_unknown_override_fails_with_the_valid_keys():
         load_config(ROOT / "configs/mnist_class_tiny.py", ["model.detph=3"])
 
 
+@pytest.mark.parametrize("config,override,match", [
+    ("mnist_class_tiny", "model.num_heads=0", "num_heads must be at least 1"),
+    ("mnist_class_tiny", "ema_decay=2", "ema_decay must be in"),
+    ("mnist_class_tiny", "time_limit_min=-1", "time_limit_min must be 0 or more"),
+    ("mnist_class_tiny", "precision=fp16", "precision must be one of"),
+    ("mnist_class_tiny", "task.eval_samples=0", "task.eval_samples must be at least 1"),
+    ("moving_mnist_video_tiny", "task.temporal_crop=middle", "task.temporal_crop must be one of"),
+    ("mnist_finetune_tiny", "task.pool=max", "task.pool must be one of"),
+    ("kjv_text_tiny", "task.seq_len=0", "task.seq_len must be at least 1"),
+])
+def test_a_bad_value_fails_when_the_config_is_made_naming_it(config, override, match):
+    with pytest.raises(ValueError, match=match):
+        load_config(ROOT / f"configs/{config}.py", [override])
+
+
+def test_the_command_line_reports_bad_input_in_one_line(tmp_path):
+    for args in (["configs/nope.py"], ["configs/mnist_class_tiny.py", "steps=abc"],
+                 ["configs/mnist_class_tiny.py", "--quiet", "no.such=1"]):  # flags among the overrides
+        res = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True)
+        assert res.returncode == 2 and res.stderr.startswith("error: ") and "Traceback" not in res.stderr, res.stderr
+
+
+def test_init_from_a_checkpoint_of_another_shape_is_refused(tmp_path):
+    train.train(tiny_cfg(tmp_path / "a", "steps=1", "ckpt_every=1"), quiet=True)
+    with pytest.raises(ckpt.CheckpointError, match="does not fit the model"):
+        train.train(tiny_cfg(tmp_path / "b", "steps=1", "model.depth=3", f"init_from={tmp_path / 'a'}"), quiet=True)
+
+
 def test_overrides_take_each_field_as_its_type():
     cfg = load_config(ROOT / "configs/mnist_class_tiny.py", ["out_dir=2024", "eval_at_end=false", "optim.lr=1e-3",
                                                              "optim.betas=(0.9, 0.95)", "task.scheduler='ddim'"])

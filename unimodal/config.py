@@ -98,6 +98,9 @@ class ModelConfig:
         return dataclasses.replace(self, depth=depth, hidden_size=hidden, num_heads=heads)
 
     def __post_init__(self) -> None:
+        for name in ("depth", "hidden_size", "num_heads", "patch_size", "latent_channels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be at least 1, got {getattr(self, name)}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if len(self.rope_split) != self.rope_axes or len(self.rope_max_pos) != self.rope_axes:
@@ -179,9 +182,13 @@ class TrainConfig:
         for name in ("steps", "global_batch", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("ckpt_every", "sample_every", "keep_checkpoints"):
+        for name in ("ckpt_every", "sample_every", "keep_checkpoints", "time_limit_min"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1) (0: no EMA), got {self.ema_decay}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
 
 
 # ----------------------------------------------------------------------------- precision
