@@ -63,7 +63,9 @@ def evaluate_run(path: str | Path, out: str | Path | None = None, ema: bool = Tr
     if missing or unexpected:
         raise ckpt.CheckpointError(f"{c}: weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.to(device).eval()
-    out = Path(out) if out else c / ("eval_ema" if use_ema else "eval")
+    # default: beside the run's checkpoints, where pruning does not reach (a lone checkpoint: inside it)
+    where = c.parent / "evaluations" / c.name if (c.parent / "latest").exists() else c
+    out = Path(out) if out else where / ("eval_ema" if use_ema else "eval")
     metrics = task.evaluate(model, out, quick=quick)
     if rank != 0:
         return {}
@@ -135,42 +137,58 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=None, help="where to write samples and metrics (default: inside the checkpoint)")
     ap.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     ap.add_argument("--quick", action="store_true", help="a small evaluation (fewer samples)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="where the model runs (default: cuda when available; under torchrun, each process's own)")
     g = ap.add_argument_group("sampling (a run's task settings, or a converted checkpoint's)")
     g.add_argument("--samples", type=int, default=None, help="number of class-balanced samples "
                    "(task.eval_samples; 1000 for converted checkpoints)")
-    g.add_argument("--batch", type=int, default=None, help="samples per sampling batch (task.eval_batch; 50)")
+    g.add_argument("--batch", type=int, default=None, help="samples per sampling batch (task.eval_batch; 50 for "
+                   "converted checkpoints)")
     g.add_argument("--cfg", type=float, default=None, help="guidance scale (task.cfg_scale; default: the checkpoint's)")
     g.add_argument("--steps", type=int, default=None, help="solver steps per block (task.sample_steps; 25)")
     g = ap.add_argument_group("converted official checkpoints")
     g.add_argument("--reference", default=None, help="reference for FID / FVD: an ADM reference batch .npz "
                    "(VIRTUAL_imagenet256_labeled.npz, as DiT and ACDiT report), an image dataset (ImageFolder), or "
                    "the UCF-101 root")
-    g.add_argument("--reference-count", type=int, default=0, help="images of a dataset reference, in a fixed random "
-                   "order (0: all, as ADM's statistics); video clips (0: 2048)")
-    g.add_argument("--frame-stride", type=int, default=3, help="frame stride of the reference clips (3: the UCF-101 "
-                   "setting of the paper and configs/ucf101_*.py)")
-    g.add_argument("--fold", type=int, default=1, help="UCF-101 split fold of the reference clips")
+    g.add_argument("--reference-count", type=int, default=None, help="images of a dataset reference, in a fixed "
+                   "random order (default 0: all, as ADM's statistics); video clips (default 2048)")
+    g.add_argument("--frame-stride", type=int, default=None, help="frame stride of the reference clips (default 3: "
+                   "the UCF-101 setting of configs/ucf101_*.py)")
+    g.add_argument("--fold", type=int, default=None, help="UCF-101 split fold of the reference clips (default 1)")
     g.add_argument("--vae", default=None, help="local diffusers AutoencoderKL directory (the SD VAE)")
     g.add_argument("--inception", default=None, help="local TorchScript Inception file")
     args = ap.parse_intermixed_args(argv)
     flags = {"eval_samples": args.samples, "eval_batch": args.batch, "cfg_scale": args.cfg, "sample_steps": args.steps}
+    for name in ("samples", "batch", "steps"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            ap.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     c = Path(args.checkpoint)
+    cfg_file = c / "config.json"
+    converted = cfg_file.is_file() and json.loads(cfg_file.read_text()).get("format", "").startswith("unimodal-acdit")
+    given = lambda *names: [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) not in (None, False, [])]  # noqa: E731
+    if converted and given("overrides", "quick", "no_ema"):
+        ap.error(f"{', '.join(given('overrides', 'quick', 'no_ema'))}: for checkpoints written by train.py; a "
+                 f"converted checkpoint takes the sampling and reference flags")
+    if not converted and given("reference", "reference_count", "frame_stride", "fold", "vae", "inception"):
+        ap.error(f"{', '.join(given('reference', 'reference_count', 'frame_stride', 'fold', 'vae', 'inception'))}: for "
+                 f"converted checkpoints; a training run's evaluation takes its task's settings as overrides, e.g. "
+                 f"task.fid=True task.fid_reference=... task.inception_path=... (images) or task.fvd=True "
+                 f"task.fvd_reference=... (video)")
     try:
-        cfg_file = c / "config.json"
-        converted = cfg_file.is_file() and json.loads(cfg_file.read_text()).get("format", "").startswith("unimodal-acdit")
         if converted:
             m = evaluate_converted(c, args.out or c / "eval", args.samples or 1000, args.batch or 50, args.reference,
                                    args.vae, args.cfg, args.steps, args.device, args.inception,
-                                   args.reference_count, args.frame_stride, args.fold)
+                                   args.reference_count or 0, args.frame_stride or 3, args.fold or 1)
         else:
             extra = [f"task.{k}={v}" for k, v in flags.items() if v is not None]
             m = evaluate_run(c, args.out, ema=not args.no_ema, quick=args.quick,
                              overrides=list(args.overrides) + extra, device=args.device)
         if shards.rank_world()[0] == 0:
             print(json.dumps(m, indent=2, default=str))
-    except (ckpt.CheckpointError, FileNotFoundError, KeyError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ckpt.CheckpointError, FileNotFoundError, KeyError, TypeError, ValueError) as e:
+        if os.environ.get("UNIMODAL_DEBUG") == "1":
+            raise
+        print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
         sys.exit(2)
     finally:  # each process leaves its group when done (left to interpreter exit, gloo may abort the process)
         if torch.distributed.is_available() and torch.distributed.is_initialized():

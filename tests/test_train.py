@@ -298,6 +298,12 @@ def test_evaluate_writes_grid_npz_and_metrics(tmp_path):
     with pytest.raises(SystemExit) as e:  # a key the task does not have fails, naming it
         evaluate.main([str(tmp_path), "task.no_such_key=1", "--out", str(tmp_path / "ev3")])
     assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:  # a converted checkpoint's flag on a run is refused, not ignored
+        evaluate.main([str(tmp_path), "--reference", "VIRTUAL_imagenet256_labeled.npz"])
+    assert e.value.code == 2
+    # by default beside the run's checkpoints, out of pruning's reach
+    evaluate.evaluate_run(tmp_path, overrides=["task.eval_samples=4", "task.eval_batch=4", "task.sample_steps=1"])
+    assert (tmp_path / "evaluations" / "step_0000002" / "eval_ema" / "metrics.json").is_file()
 
 
 @pytest.mark.slow
