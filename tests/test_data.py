@@ -3,6 +3,8 @@ container metadata read with PyAV, source frames of transcoded clips, diffusers 
 import importlib.util
 import json
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -538,3 +540,15 @@ def test_scripts_explain_themselves(name, capsys):
         load_script(name).parse_args(["--help"])
     assert e.value.code == 0 and "usage:" in capsys.readouterr().out
     assert not (ROOT / "tokenizers" / "__init__.py").exists()  # would shadow the tokenizers package
+
+
+@pytest.mark.parametrize("script,args,says", [
+    ("train_bpe", ["--vocab-size", "-5"], "--vocab-size: must be at least 1"),
+    ("train_bpe", ["--input", "/nowhere/corpus.txt"], "unknown dataset '/nowhere/corpus.txt'"),
+    ("cache_latents", ["--out", "OUT", "--dataset-kw", "{bad"], "--dataset-kw '{bad' is not a JSON object"),
+    ("train_vae", ["--steps", "0"], "--steps: must be at least 1"),
+])
+def test_scripts_report_bad_input_in_one_line(script, args, says, tmp_path):
+    args = [str(tmp_path / "out") if a == "OUT" else a for a in args]
+    res = subprocess.run([sys.executable, f"tokenizers/{script}.py", *args], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 2 and says in res.stderr and "Traceback" not in res.stderr, res.stderr

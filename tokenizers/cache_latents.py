@@ -29,6 +29,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
+from unimodal.config import int_at_least  # noqa: E402
 from unimodal.codecs import PixelCodec, VAECodec  # noqa: E402
 from unimodal.data import DataError, Skipped, build_dataset, image_batch, video_batch  # noqa: E402
 
@@ -44,14 +45,14 @@ def parse_args(argv=None):
     p.add_argument("--flip", action="store_true", help="also store the latents of the horizontally flipped input")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing cache in --out")
-    p.add_argument("--batch-size", type=int, default=64, help="images (or clips) encoded at once")
-    p.add_argument("--shard-size", type=int, default=10000, help="rows per Arrow shard")
-    p.add_argument("--limit", type=int, default=None, help="encode only the first N items")
+    p.add_argument("--batch-size", type=int_at_least(1), default=64, help="images (or clips) encoded at once")
+    p.add_argument("--shard-size", type=int_at_least(1), default=10000, help="rows per Arrow shard")
+    p.add_argument("--limit", type=int_at_least(1), default=None, help="encode only the first N items")
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="stored latent dtype")
     p.add_argument("--on-error", choices=["raise", "skip"], default="raise",
                    help="a bad item (corrupt image, truncated video): stop, or skip and count it")
     p.add_argument("--seed", type=int, default=0, help="generator seed for --sample")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=int_at_least(1), default=None, help="torch CPU threads")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the VAE runs")
     return p.parse_args(argv)
 
@@ -186,7 +187,10 @@ def main(argv=None) -> dict:
         if not args.overwrite:
             raise SystemExit(f"{out} already holds a latent cache; pass --overwrite to replace it")
         shutil.rmtree(out)
-    kw = json.loads(args.dataset_kw)
+    try:
+        kw = json.loads(args.dataset_kw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--dataset-kw {args.dataset_kw!r} is not a JSON object ({e}); e.g. '{{\"size\": 32}}'") from None
     ds = build_dataset(args.dataset, args.split, **kw)  # with --on-error skip, bad rows are left out as read
     if args.codec == "vae":
         if not args.vae:
@@ -209,4 +213,8 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValueError as e:  # DataError, CodecError, a bad --dataset-kw: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from unimodal.config import int_at_least  # noqa: E402
 from unimodal.codecs import EOT, TextCodec, train_bpe  # noqa: E402
 from unimodal.data import Skipped, build_dataset  # noqa: E402
 
@@ -25,8 +26,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", default=None,
                    help="a .txt (a line each) or .jsonl ({'text': ...}) corpus; default: the KJV text")
-    p.add_argument("--vocab-size", type=int, default=8192, help="final vocabulary size including special tokens")
-    p.add_argument("--min-frequency", type=int, default=2, help="a merge must occur at least this often")
+    p.add_argument("--vocab-size", type=int_at_least(1), default=8192, help="final vocabulary size including special tokens")
+    p.add_argument("--min-frequency", type=int_at_least(1), default=2, help="a merge must occur at least this often")
     p.add_argument("--special", nargs="*", default=[EOT, "<boi>", "<eoi>"],
                    help="special tokens, given the first ids in this order")
     p.add_argument("--out", default="runs/bpe-kjv", help="output directory (tokenizer.json + stats.json)")
@@ -65,4 +66,8 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValueError as e:  # DataError, CodecError, a bad --dataset-kw: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

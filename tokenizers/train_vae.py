@@ -26,6 +26,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
+from unimodal.config import int_at_least  # noqa: E402
 from unimodal.codecs import VAECodec  # noqa: E402
 from unimodal.data import _pad, image_batch, mnist_arrays  # noqa: E402
 
@@ -35,18 +36,18 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/vae-mnist-f4", help="output directory for save_pretrained")
     p.add_argument("--block-out-channels", default="16,32,32",
                    help="encoder/decoder widths; n widths give a downsampling factor of 2^(n-1)")
-    p.add_argument("--latent-channels", type=int, default=4)
-    p.add_argument("--layers-per-block", type=int, default=1)
-    p.add_argument("--resolution", type=int, default=32, help="pad the 28x28 digits to this size")
-    p.add_argument("--steps", type=int, default=1200, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--latent-channels", type=int_at_least(1), default=4)
+    p.add_argument("--layers-per-block", type=int_at_least(1), default=1)
+    p.add_argument("--resolution", type=int_at_least(28), default=32, help="pad the 28x28 digits to this size")
+    p.add_argument("--steps", type=int_at_least(1), default=1200, help="optimizer steps")
+    p.add_argument("--batch-size", type=int_at_least(1), default=64)
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (cosine decay to 10%%)")
     p.add_argument("--kl-weight", type=float, default=1e-6)
-    p.add_argument("--scale-images", type=int, default=2000, help="training images used to set scaling_factor")
-    p.add_argument("--eval-images", type=int, default=10000, help="MNIST test images for the PSNR report")
+    p.add_argument("--scale-images", type=int_at_least(2), default=2000, help="training images used to set scaling_factor")
+    p.add_argument("--eval-images", type=int_at_least(1), default=10000, help="MNIST test images for the PSNR report")
     p.add_argument("--shift", action="store_true", help="also set shift_factor to the latent mean")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
+    p.add_argument("--threads", type=int_at_least(1), default=None, help="torch CPU threads (default: torch's own choice)")
     return p.parse_args(argv)
 
 
@@ -140,4 +141,8 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValueError as e:  # DataError, CodecError, a bad --dataset-kw: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

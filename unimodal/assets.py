@@ -141,9 +141,20 @@ def asset_path(name: str, fetch: bool = True) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    names = (argv if argv is not None else sys.argv[1:]) or list(ASSETS)
-    for n in names:
-        print(f"{n:28s} {asset_path(n)}")
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("names", nargs="*", metavar="NAME", help=f"assets to fetch and verify (default: all of "
+                    f"{', '.join(sorted(ASSETS))})")
+    args = ap.parse_args(argv)
+    unknown = [n for n in args.names if n not in ASSETS]
+    if unknown:
+        ap.error(f"unknown asset(s) {', '.join(unknown)}; known: {', '.join(sorted(ASSETS))}")
+    for n in args.names or list(ASSETS):
+        try:
+            print(f"{n:28s} {asset_path(n)}")
+        except AssetError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
 
 
 if __name__ == "__main__":

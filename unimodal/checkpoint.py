@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import random
 import shutil
 from pathlib import Path
@@ -134,13 +135,25 @@ def load_weights(ckpt: str | Path, ema: bool = False) -> dict:
     return load_file(str(f))
 
 
+def unpickler_reason(e: BaseException) -> str:
+    """The reason in torch.load(weights_only=True)'s error, without its boilerplate: the class it refused
+    ("GLOBAL builtins.exec ..."), the weights-only unpickler's own line, or the first other line."""
+    msg = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # no terminal colours
+    m = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", msg, re.S)
+    if m:
+        return " ".join(m.group(1).split())
+    lines = [ln.strip() for ln in msg.splitlines() if ln.strip() and "weights_only" not in ln
+             and "documentation" not in ln and "trust the source" not in ln]
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
 def load_state(ckpt: str | Path) -> dict:
     ckpt = resolve(ckpt)
     try:
         return torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
     except Exception as e:  # a pickled object that weights_only refuses, or a damaged file
         raise CheckpointError(f"{ckpt / 'state.pt'} cannot be read safely (tensors and plain values only): "
-                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+                              f"{unpickler_reason(e)}") from None
 
 
 def load_config(ckpt: str | Path) -> dict:

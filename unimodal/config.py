@@ -191,6 +191,21 @@ class TrainConfig:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
 
 
+def int_at_least(minimum: int):
+    """An argparse type: an int no smaller than `minimum`, else a usage error naming the bound."""
+    import argparse
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
+
+
 # ----------------------------------------------------------------------------- precision
 
 PRECISIONS = ("auto", "bf16", "fp32")

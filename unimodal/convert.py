@@ -50,6 +50,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .checkpoint import unpickler_reason
 from .config import ModelConfig, model_config_from_dict, to_dict
 from .sequence import Image, PackSpec, Sample, Video, image_block_shape, patchify_image, patchify_video, \
     unpatchify_image, unpatchify_video
@@ -96,13 +97,9 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
                 f"{path}: refused: the file pickles `{m.group(1)}`. Only tensors, plain containers (dict, list, "
                 f"tuple, numbers, strings) and argparse.Namespace are accepted; nothing was executed or "
                 f"unpickled beyond that point.") from None
-        d = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", msg, re.S)
-        lines = [ln.strip() for ln in msg.splitlines() if ln.strip() and "weights_only" not in ln
-                 and "documentation" not in ln]
-        detail = d.group(1).strip() if d else (lines[0] if lines else type(e).__name__)
         raise ConvertError(f"{path}: not a readable torch checkpoint (the weights-only unpickler stopped: "
-                           f"{detail})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, TypeError) as e:
+                           f"{unpickler_reason(e)})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, TypeError, KeyError, IndexError) as e:
         raise ConvertError(f"{path}: not a readable torch checkpoint: {type(e).__name__}: "
                            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
 
