@@ -2,7 +2,7 @@
 
     python evaluate.py runs/mnist_class_tiny                      # the run's latest checkpoint, EMA weights
     python evaluate.py runs/mnist_class_tiny/step_0002000 --no-ema --out eval_raw
-    python evaluate.py runs/mnist_class_tiny task.eval_samples=10000 task.fid=True   # Inception FID/IS/PR
+    python evaluate.py runs/mnist_class_tiny task.eval_samples=10000 task.fid=True   # Inception FID / PR (+ IS with task.inception_path=inception-2015-12-05.pt)
     python evaluate.py ckpt/acdit-h-imagenet --samples 50000 --reference /data/imagenet/train   # converted official
 
 Under torchrun or accelerate launch, the processes share the sampling out (each writes its batches to
@@ -14,7 +14,7 @@ only the batches that are missing:
 
 What is measured is the task's: generation tasks write PNG grids (GIF/MP4 for video), an
 ADM-compatible samples.npz and metrics.json (MNIST classifier accuracy and Frechet distance,
-Inception FID / IS / precision / recall, FVD); classification writes top-1; text, perplexity.
+Inception FID / precision / recall and, with an Inception file that has the classifier head, IS; FVD); classification writes top-1; text, perplexity.
 Overrides are dotted key=value pairs on the run's saved configuration (unknown keys fail).
 Weights are read from safetensors only; nothing in a checkpoint is ever unpickled.
 """

@@ -43,7 +43,7 @@ class Peak:
     """The n^3 matmul's throughput in `yardstick(dtype)`, measured in windows interleaved with the
     timed work (`name` says which dtype that is).
 
-    This machine's matmul throughput moves between ~0.6 and ~2.5 TFLOP/s (bf16) from one second to
+    A shared CPU's matmul throughput moves (bf16: ~0.6-2.5 TFLOP/s on a Zen 5, 0.3-0.43 on a Zen 4) from one second to
     the next. `mean` is the throughput over all windows (total FLOPs / total time): the rate the
     matmul reached under the same conditions as the work timed between the windows. `best` is the
     fastest single product seen (a burst the sustained work never sees for long).

@@ -4,7 +4,7 @@ Model FLOPs per step are counted, not estimated from parameters: per layer and t
 the dense layers (QKV, projection, MLP; 2 FLOPs per multiply-add), 12 d^2 per block for adaLN,
 and 4 d per allowed (query, key) pair of the mask for attention (the empty part of SCAM is not
 counted); the final layer and embeddings are added; a training step is 3x the forward.
-This machine's matmul throughput drifts (bf16 2048^3 between ~0.6 and ~2.5 TFLOP/s, second to
+A shared CPU's matmul throughput drifts (bf16 2048^3 between ~0.6 and ~2.5 TFLOP/s on a Zen 5, 0.3-0.43 on a Zen 4, second to
 second), so the peak is measured in the same stretch of time as the work: every timed step is
 preceded by a window of back-to-back 2048^3 products as long as the step (fp32 ones for bf16 work
 on a CPU without native bf16, the fastest route there), and MFU = the row's
@@ -133,8 +133,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--precision", default="auto", choices=PRECISIONS,
                     help="bf16 autocast, fp32, or auto: bf16 where this CPU computes it natively, else fp32")
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--skip-b", action="store_true")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per row (after warm-up)")
+    ap.add_argument("--skip-b", action="store_true", help="time the tiny config only, not the ACDiT-B-shaped one")
     ap.add_argument("--readme", action="store_true", help="write this run's output into README.md's results")
     ap.add_argument("--row", type=int, default=None, help=argparse.SUPPRESS)  # a child process: this row only
     ap.add_argument("--row-out", default=None, help=argparse.SUPPRESS)

@@ -553,15 +553,16 @@ def sample_main(argv: list[str]) -> int:
     """python -m unimodal.convert sample CKPT_DIR OUT_DIR --labels 207 360 ... [--vae DIR]"""
     ap = argparse.ArgumentParser(prog="python -m unimodal.convert sample",
                                  description="Class-conditional samples from a converted checkpoint directory.")
-    ap.add_argument("ckpt_dir")
-    ap.add_argument("out_dir")
-    ap.add_argument("--labels", type=int, nargs="+", required=True)
+    ap.add_argument("ckpt_dir", help="a directory written by python -m unimodal.convert")
+    ap.add_argument("out_dir", help="where the PNGs / GIFs and latents.npy go")
+    ap.add_argument("--labels", type=int, nargs="+", required=True, help="one class label per sample")
     ap.add_argument("--vae", default=None, help="local diffusers AutoencoderKL directory; without it only latents are saved")
     ap.add_argument("--cfg", type=float, default=None, help="guidance scale (default: 1.5 image, 2.5 video)")
     ap.add_argument("--steps", type=int, default=None, help="DPM-Solver steps per block (default 25)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--seed", type=int, default=0, help="sample j draws from a generator of (seed, j)")
+    ap.add_argument("--batch", type=int, default=8, help="samples per sampling batch")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="where the model runs (default: cuda when available)")
     ns = ap.parse_args(argv)
     import numpy as np
     try:
@@ -579,10 +580,11 @@ def sample_main(argv: list[str]) -> int:
         codec = VAECodec(ns.vae, device=ns.device)
     out = Path(ns.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator().manual_seed(ns.seed)
+    from .sampling import row_generators
     labels = torch.tensor(ns.labels)
-    lat = torch.cat([info.generate(model, y, ns.cfg, ns.steps, generator=gen).float().cpu()
-                     for y in labels.split(ns.batch)])  # (N, *latent_shape)
+    lat = torch.cat([info.generate(model, y, ns.cfg, ns.steps,
+                                   generator=row_generators(ns.seed, len(y), i * ns.batch)).float().cpu()
+                     for i, y in enumerate(labels.split(ns.batch))])  # (N, *latent_shape): whatever --batch
     np.save(out / "latents.npy", lat.numpy())
     if codec is not None:
         from PIL import Image as PILImage
@@ -602,7 +604,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "sample":
         return sample_main(argv[1:])
     ap = argparse.ArgumentParser(prog="python -m unimodal.convert",
-                                 description="Convert a thunlp/ACDiT checkpoint into a unimodal checkpoint directory.")
+                                 description="Convert a thunlp/ACDiT checkpoint into a unimodal checkpoint directory. "
+                                             "`python -m unimodal.convert sample --help`: samples from one.")
     ap.add_argument("src", help="reference checkpoint (.pt with 'model' / 'ema' and 'args')")
     ap.add_argument("out_dir", help="output directory (model.safetensors + config.json)")
     ap.add_argument("--ema", action="store_true", help="convert the 'ema' weights instead of 'model'")
