@@ -164,7 +164,10 @@ def main(argv: list[str] | None = None) -> None:
             ap.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     c = Path(args.checkpoint)
     cfg_file = c / "config.json"
-    converted = cfg_file.is_file() and json.loads(cfg_file.read_text()).get("format", "").startswith("unimodal-acdit")
+    try:
+        converted = cfg_file.is_file() and json.loads(cfg_file.read_text()).get("format", "").startswith("unimodal-acdit")
+    except (ValueError, AttributeError) as e:
+        ap.error(f"{cfg_file} is not a config this program wrote: {e}")
     given = lambda *names: [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) not in (None, False, [])]  # noqa: E731
     if converted and given("overrides", "quick", "no_ema"):
         ap.error(f"{', '.join(given('overrides', 'quick', 'no_ema'))}: for checkpoints written by train.py; a "

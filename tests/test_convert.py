@@ -509,7 +509,6 @@ def test_sampling_matches_reference(kind, mode, tmp_path):
     draws randn((N, B, C)) per block from the same generator. With random weights the model's
     epsilon does not match the noise, so 4 solver steps end at values of several hundred: the
     comparison is at fp32 rounding relative to that scale (2e-6 of the largest value)."""
-    pytest.importorskip("unimodal.sampling", reason="the block sampler unimodal/sampling.py is not there yet")
     o = oracle(kind)
     model, info = converted(kind, tmp_path)
     s = SAMPLING[kind]

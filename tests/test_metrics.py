@@ -392,3 +392,23 @@ def test_mnist_classifier_trains_from_scratch(tmp_path):
     again = mnist_net.load(tmp_path / "net.safetensors", train_if_missing=False)
     x = mnist_arrays("test")[0][:16]
     torch.testing.assert_close(mnist_net.classify(x, again), mnist_net.classify(x, net))
+
+
+def test_the_demo_metrics_score_real_digits_and_catch_wrong_labels():
+    """tasks.class_image.mnist_quality (the demo's accuracy and Frechet distance) on real test digits:
+    near-perfect accuracy with their labels, chance with shifted labels; the 32x32 padding the demo
+    generates at is cropped back exactly; a blurred copy is far in Frechet distance."""
+    import scipy.ndimage
+    from tasks.class_image import mnist_quality
+    from unimodal.data import _pad
+    x, y = mnist_arrays("test")
+    x, y = x[:2000], y[:2000]
+    real = mnist_quality(x, y, 28)
+    assert real["class_accuracy"] >= 0.98 and real["frechet_distance_mnist_features"] < 40  # 2000 digits: ~20
+    assert mnist_quality(_pad(x, 32), y, 32) == real  # the crop undoes the padding
+    assert mnist_quality(x, (y + 1) % 10, 28)["class_accuracy"] < 0.05
+    blurred = scipy.ndimage.gaussian_filter(x.astype(np.float32), sigma=(0, 1.5, 1.5)).round().astype(np.uint8)
+    assert mnist_quality(blurred, y, 28)["frechet_distance_mnist_features"] > 10 * real["frechet_distance_mnist_features"]
+    # training digits (another set): close to the test set, as a good generator's samples would be
+    tx, ty = mnist_arrays("train")
+    assert mnist_quality(tx[:2000], ty[:2000], 28)["frechet_distance_mnist_features"] < 40

@@ -19,6 +19,39 @@ from unimodal.sequence import Image, PackSpec, Sample, Text, Video, pack
 BACKENDS = ["sdpa", "block", "flex"]
 
 
+def test_paper_rope_is_the_design_notes_rotation():
+    """RoPE-ND "paper" style written out from DESIGN.md section 3: head_dim 64 split 2:3:3 into 16, 24, 24
+    dims; axis j's base 100 ceil(8 L_j / (100 pi)) (L = 40, 7, 9 -> 200, 100, 100) and inv_freq
+    base^(-2k/d_j); dims (i, i + 32) rotated as the complex number x_i + i x_{i+32} times e^(i theta_i), the
+    first 8 pairs by axis 0's angles, the next 12 by axis 1's, the last 12 by axis 2's."""
+    from unimodal.attention import RopeND, apply_rope
+    rope = RopeND(64, (2, 3, 3), (40, 7, 9))
+    g = torch.Generator().manual_seed(0)
+    pos = torch.stack([torch.randint(0, 41, (1, 10), generator=g), torch.randint(0, 8, (1, 10), generator=g),
+                       torch.randint(0, 10, (1, 10), generator=g)], -1)  # (1, L, 3)
+    theta = []
+    for axis, (d, base) in enumerate(((16, 200), (24, 100), (24, 100))):
+        inv = base ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)  # (d/2,)
+        theta.append(pos[0, :, axis, None].double() * inv)  # (L, d/2)
+    theta = torch.cat(theta, -1)  # (L, 32)
+    x = torch.randn(1, 2, 10, 64, dtype=torch.float64, generator=g)  # (B, heads, L, D)
+    z = torch.complex(x[..., :32], x[..., 32:]) * torch.polar(torch.ones_like(theta), theta)  # (B, heads, L, 32)
+    want = torch.cat([z.real, z.imag], -1)
+    got = apply_rope(x, *rope.tables(pos))
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-6)
+    # scores depend on the offset along each axis only: a common shift leaves them, a shift of one axis does not
+    q, k = torch.randn(2, 1, 1, 10, 64, dtype=torch.float64, generator=g)
+    def scores(pq, pk):
+        return (apply_rope(q, *rope.tables(pq)) * apply_rope(k, *rope.tables(pk))).sum(-1)  # (1, 1, L)
+    base = scores(pos, pos.roll(1, 1))
+    torch.testing.assert_close(scores(pos + torch.tensor([5, 3, 2]), pos.roll(1, 1) + torch.tensor([5, 3, 2])), base,
+                               atol=1e-5, rtol=1e-5)
+    for axis in range(3):
+        moved = pos.roll(1, 1).clone()
+        moved[..., axis] += 1
+        assert float((scores(pos, moved) - base).abs().max()) > 1e-3, axis
+
+
 def randomised(model: ACDiT) -> ACDiT:
     """Give every parameter (zero-initialised adaLN and output layers too) a random value."""
     g = torch.Generator().manual_seed(1)
@@ -294,3 +327,47 @@ def test_compiled_block_regions_match_eager(backend):
             continue
         scale = float(b.abs().max()) + 1e-12  # fp32 sums reassociated by the fused kernels
         torch.testing.assert_close(a, b, atol=1e-5 * scale, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def _loss_and_grads(backend, **cfg_kw):
+    """A mixed text + image + video training loss of ACDiT-Micro and its parameter gradients."""
+    torch.manual_seed(0)
+    samples = [Sample([Text(torch.tensor([1, 2, 3])), Image(torch.randn(2, 8, 8), block=16)], label=2),
+               Sample([Video(torch.randn(4, 2, 4, 4), frames_per_block=2)], label=5)]
+    cfg = ModelConfig.preset("ACDiT-Micro", latent_channels=2, patch_size=1, vocab_size=50, num_classes=10,
+                             attn_backend=backend, **cfg_kw)
+    torch.manual_seed(1)
+    model = randomised(ACDiT(cfg).float()).train()
+    loss, _ = training_loss(model, pack(samples, PackSpec()), train_scheduler(), LossConfig(),
+                            torch.Generator().manual_seed(3))
+    return model, loss, torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "block"])
+def test_a_bf16_autocast_training_step_tracks_fp32(backend):
+    """The default compute path (bf16 autocast over fp32 weights): its loss and gradients are those of
+    fp32 to bf16's precision (the 200-step loss comparison is the slow test's)."""
+    _, ref, ref_g = _loss_and_grads(backend)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model, loss, grads = _loss_and_grads(backend)
+    assert loss.dtype == torch.float32 and abs(float(loss) / float(ref) - 1) < 2e-2, (float(loss), float(ref))
+    flat = torch.cat([g.flatten() for g in grads if g is not None])
+    flat_ref = torch.cat([g.flatten() for g in ref_g if g is not None])
+    assert float(F.cosine_similarity(flat, flat_ref, dim=0)) > 0.995
+    for (name, p), g, r in zip(model.named_parameters(), grads, ref_g):
+        assert (g is None) == (r is None), name
+        if r is not None and float(r.norm()) > 1e-3 * float(flat_ref.norm()):
+            assert g.dtype == p.dtype == torch.float32, name  # fp32 master weights and gradients
+            assert float(F.cosine_similarity(g.flatten(), r.flatten(), dim=0)) > 0.97, name
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "block"])
+def test_gradient_checkpointing_changes_no_loss_or_gradient(backend):
+    model, ref, ref_g = _loss_and_grads(backend)
+    _, loss, grads = _loss_and_grads(backend, gradient_checkpointing=True)
+    torch.testing.assert_close(loss, ref, atol=1e-6, rtol=1e-6)
+    for (name, _), g, r in zip(model.named_parameters(), grads, ref_g):
+        assert (g is None) == (r is None), name
+        if r is not None:
+            torch.testing.assert_close(g, r, atol=1e-6 * (float(r.abs().max()) + 1e-12), rtol=1e-5,
+                                       msg=lambda m: f"{name}: {m}")

@@ -236,6 +236,18 @@ def test_guidance_formula_against_unguided_streams():
     c, u, g = outs["cond"][0], outs["uncond"][0], outs["cfg"][0]  # (4, P), (4, P), (2 copies x 4, P)
     torch.testing.assert_close(g[:4], c, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(g[4:], u, atol=1e-6, rtol=1e-6)
+    # and the guided image is one DDIM step of uncond + s (cond - uncond) from the same starting noise
+    from unimodal.diffusion import sampling_scheduler
+    guided = SequenceSampler(model, SPEC, 1, labels=torch.tensor([3]), cfg_scale=3.0, steps=1, scheduler="ddim",
+                             generator=torch.Generator().manual_seed(0)).image(2, 2, 2)  # (1, 2, 2, 2)
+    sched = sampling_scheduler("ddim")
+    sched.set_timesteps(1)
+    x_T = torch.randn((1, 4, 2), generator=torch.Generator().manual_seed(0))  # (1, 4 tokens, P)
+    want = sched.step((u + 3.0 * (c - u))[None], sched.timesteps[0], x_T).prev_sample  # (1, 4, P)
+    torch.testing.assert_close(guided.permute(0, 2, 3, 1).reshape(1, 4, 2), want, atol=1e-5, rtol=1e-5)
+    unguided = SequenceSampler(model, SPEC, 1, labels=torch.tensor([3]), steps=1, scheduler="ddim",
+                               generator=torch.Generator().manual_seed(0)).image(2, 2, 2)
+    assert float((unguided - guided).abs().max()) > 1e-3  # the guidance scale changes the image
 
 
 def test_video_longer_than_training_block_by_block():
@@ -255,15 +267,25 @@ def test_text_decoding_controls():
     s.on_pass = lambda smp, inp, nc, out: greedy_first.append(out.logits.argmax(-1))
     toks = s.text(3, temperature=0)
     assert torch.equal(toks[:, 0], greedy_first[0])
-    # stop tokens: a row that emits one keeps emitting it, and the stream ends when all rows stop
-    s2 = SequenceSampler(model, SPEC, 2, steps=1, generator=torch.Generator().manual_seed(0))
-    s2.feed_text(torch.tensor([[1, 2], [3, 4]]))
-    toks = s2.text(50, temperature=1.0, stop=list(range(0, 40, 2)))
-    for row in toks:
-        hit = (row % 2 == 0).nonzero()
-        if len(hit):
-            assert (row[hit[0, 0]:] == row[hit[0, 0]]).all()
-    assert toks.shape[1] <= 50
+    # stop tokens, against free decoding (each row from its own generator, so one row's stop leaves the others'
+    # draws alone): a row stops at its first stop token and emits stop[0] after it, the others go on as they
+    # would have, and the stream ends once every row has stopped
+    def decode(n, stop=None):
+        smp = SequenceSampler(model, SPEC, 2, steps=1, generator=row_generators(7, 2))
+        smp.feed_text(torch.tensor([[1, 2], [3, 4]]))
+        return smp.text(n, temperature=1.0, stop=stop)
+    free = decode(12)
+    a, b = free[0].tolist(), free[1].tolist()
+    # row 0 stops at the first step k whose token neither row emits earlier (row 1: at all)
+    k = next(i for i in range(1, 12) if a[i] not in a[:i] and a[i] not in b)
+    toks = decode(12, stop=[a[k]])
+    assert toks.shape == (2, 12) and toks[1].tolist() == b  # row 1 never stops
+    assert toks[0].tolist() == a[:k + 1] + [a[k]] * (11 - k)
+    m = next((i for i in range(k + 1, 12) if b[i] not in b[:i] and b[i] not in a), None)
+    assert m is not None  # both stop: the stream ends at the later stop; the earlier row pads with stop[0]
+    toks = decode(12, stop=[a[k], b[m]])
+    assert toks.shape == (2, m + 1) and toks[1].tolist() == b[:m + 1]
+    assert toks[0].tolist() == a[:k + 1] + [a[k]] * (m - k)
     # top-k = 1 is greedy
     s3 = SequenceSampler(model, SPEC, 2, steps=1, generator=torch.Generator().manual_seed(1))
     s3.feed_text(torch.tensor([[1, 2], [3, 4]]))

@@ -38,6 +38,27 @@ def expected_positions(sample: Sample, patch: int):
     return out
 
 
+def expected_units(sample: Sample, patch: int) -> list[int]:
+    """Clean-stream units written out from DESIGN.md section 2: each text token, each image block and each
+    video block (frames_per_block whole frames) is the next unit."""
+    out, u = [], 0
+    for seg in sample.segments:
+        if isinstance(seg, Text):
+            n_tokens, per_unit = len(seg.tokens), 1
+        elif isinstance(seg, Image):
+            _, H, W = seg.latent.shape
+            n_tokens = (H // patch) * (W // patch)
+            per_unit = seg.block or n_tokens
+        else:
+            T, _, H, W = seg.latent.shape
+            n_tokens = T * (H // patch) * (W // patch)
+            per_unit = seg.frames_per_block * (H // patch) * (W // patch)
+        for i in range(n_tokens):
+            out.append(u + i // per_unit)
+        u += n_tokens // per_unit
+    return out
+
+
 @pytest.mark.parametrize("patch", [1, 2])
 def test_positions_units_and_twins(patch):
     rng = random.Random(patch)
@@ -46,11 +67,11 @@ def test_positions_units_and_twins(patch):
         pk = pack([s], PackSpec(patch_size=patch))
         clean = (pk.noisy[0] == 0) & (pk.doc[0] == 0)
         assert pk.pos[0][clean].tolist() == [list(x) for x in expected_positions(s, patch)]
-        # units: every text token its own step; steps never decrease along the clean stream
+        # units: every text token its own step, every block one step, the next segment's later
         steps = pk.step[0][clean]
+        ranks = torch.unique(steps, sorted=True, return_inverse=True)[1]  # the steps' order: 0, 1, 2, ...
+        assert ranks.tolist() == expected_units(s, patch)
         assert (steps[1:] >= steps[:-1]).all()
-        text = pk.kind[0][clean] == TEXT
-        assert len(set(steps[text].tolist())) == int(text.sum())
         # each noised token has its clean twin's step and position
         for b in range(pk.n_blocks):
             c = (pk.block_id[0] == b) & (pk.noisy[0] == 0)

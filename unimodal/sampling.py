@@ -286,8 +286,8 @@ class SequenceSampler:
 
     def stream_text(self, max_new: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                     stop: list[int] | None = None) -> Iterator[Tensor]:
-        """Yields (B,) next tokens; temperature 0 is greedy. Rows that emitted a stop token keep
-        producing it; the stream ends when every row has stopped or after max_new tokens."""
+        """Yields (B,) next tokens; temperature 0 is greedy. A row that emitted a stop token produces
+        stop[0] from then on; the stream ends when every row has stopped or after max_new tokens."""
         procs = LogitsProcessorList()
         if temperature > 0 and temperature != 1.0:
             procs.append(TemperatureLogitsWarper(temperature))

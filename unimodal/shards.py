@@ -79,6 +79,8 @@ def sample_set(make: Callable[[int, int], np.ndarray], n: int, batch: int, out_d
     if len(out) != n:
         raise RuntimeError(f"{where}: {len(out)} samples on disk, expected {n}")
     shutil.rmtree(where, ignore_errors=True)
+    if not any(where.parent.iterdir()):
+        where.parent.rmdir()
     return out
 
 
