@@ -94,6 +94,9 @@ def evaluate_converted(path: str | Path, out: str | Path, samples: int, batch: i
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     codec = VAECodec(vae or info.config["sampling"].get("vae_path"), device=device)
+    net = None  # before sampling: a missing network fails at once
+    if reference and rank == 0:
+        net = M.InceptionFeatures(inception, device=device) if info.kind == "image" else M.I3DFeatures(device=device)
     n_cls = model.cfg.num_classes
     labels = torch.arange(samples) % n_cls
 
@@ -112,20 +115,19 @@ def evaluate_converted(path: str | Path, out: str | Path, samples: int, batch: i
         np.savez(out / "samples.npz", arr_0=x.transpose(0, 2, 3, 1), labels=labels.numpy())
         save_image_grid(torch.from_numpy(x[:64]).float() / 127.5 - 1, out / "grid.png", nrow=8)
         if reference:
-            net = M.InceptionFeatures(inception, device=device)
             ref = M.image_reference(net, reference, x.shape[-1], count=reference_count)
             metrics.update(M.image_metrics(net, x.transpose(0, 2, 3, 1), ref))
             metrics["reference"], metrics["reference_images"] = str(reference), int(ref["count"])
     else:
         save_video_grid(torch.from_numpy(x[:16]).float() / 127.5 - 1, out / "grid.gif", nrow=4)
         if reference:
-            net = M.I3DFeatures(device=device)
             ref = M.video_reference(net, reference, frames=x.shape[1], size=x.shape[-1], stride=frame_stride,
                                     fold=fold, count=reference_count or 2048)
             fake = x.transpose(0, 1, 3, 4, 2)  # (N, T, H, W, 3)
             metrics["fvd"] = M.frechet_distance(*M.feature_stats(net(fake)), ref["mu"], ref["sigma"])
             metrics["reference"], metrics["reference_clips"] = str(reference), int(ref["count"])
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    shards.done(out, tag, samples, batch)
     return metrics
 
 

@@ -154,9 +154,12 @@ class ClassImageTask(Task):
 
     def evaluate(self, model, out_dir: Path, quick: bool = False) -> dict:
         t = self.tc
-        if t.fid and (t.fid_reference or t.dataset != "mnist"):  # before sampling: a reference without pixels fails at once
-            from unimodal.metrics import check_reference_source
-            check_reference_source(t.fid_reference or t.dataset)
+        net = None
+        if t.fid:  # before sampling: a missing network or a reference without pixels fails at once
+            from unimodal import metrics as M
+            if t.fid_reference or t.dataset != "mnist":
+                M.check_reference_source(t.fid_reference or t.dataset)
+            net = M.InceptionFeatures(t.inception_path or None, device=self.device)
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         n = min(t.eval_samples, 200) if quick else t.eval_samples
@@ -167,7 +170,7 @@ class ClassImageTask(Task):
         shared = k == g and n >= g * g
         labels = torch.cat([grid_labels, torch.arange(n - g * g) % k]) if shared else torch.arange(n) % k
         # batches shared among the processes of a distributed launch; process 0 goes on with the whole set
-        tag = shards.weights_tag(model, task=dataclasses.asdict(t), precision=self.cfg.precision, n=n, seed=1000)
+        tag = shards.weights_tag(model, **self.sampling_settings(), n=n, seed=1000)
         u8 = shards.sample_set(
             lambda first, count: to_uint8(self.generate(model, labels[first:first + count], seed=1000, first=first)),
             n, t.eval_batch, out_dir, tag)  # (n, C, H, W) uint8
@@ -179,9 +182,7 @@ class ClassImageTask(Task):
         metrics: dict = {"samples": n, "class_grid": str(grid_path)}
         if t.dataset == "mnist":
             metrics.update(mnist_quality(u8[:, 0], labels.numpy(), t.image_size))
-        if t.fid:
-            from unimodal import metrics as M
-            net = M.InceptionFeatures(t.inception_path or None, device=self.device)
+        if net is not None:
             if t.dataset == "mnist" and not t.fid_reference:  # the test digits, padded as the training ones
                 x, _ = D.mnist_arrays("test")
                 x = D._pad(x, t.image_size) if t.image_size != 28 else x
@@ -192,7 +193,15 @@ class ClassImageTask(Task):
             rgb = np.repeat(u8, 3, axis=1) if u8.shape[1] == 1 else u8
             metrics.update(M.image_metrics(net, rgb.transpose(0, 2, 3, 1), ref))
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        shards.done(out_dir, tag, n, t.eval_batch)
         return metrics
+
+    def sampling_settings(self) -> dict:
+        """What an evaluation sample depends on besides the weights."""
+        t = self.tc
+        return {"cfg_scale": t.cfg_scale, "sample_steps": t.sample_steps, "scheduler": t.scheduler, "block": t.block,
+                "image_size": t.image_size, "codec": t.codec, "vae_path": t.vae_path, "num_classes": t.num_classes,
+                "precision": self.cfg.precision, "patch_size": self.cfg.model.patch_size}
 
 
 def mnist_quality(images_u8: np.ndarray, labels: np.ndarray, size: int) -> dict:

@@ -21,7 +21,6 @@ posterior mean (see tasks/class_image.py).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,7 +151,7 @@ class ClassVideoTask(Task):
             return torch.where(flip[:, None, None, None], x.flip(-1), x), b[idx], False
         t = self.tc
         raw = a.with_format(None)
-        if t.temporal_crop == "random" and "path" in raw.column_names and "latent" not in raw.column_names:
+        if t.temporal_crop == "random" and "path" in raw.column_names and not {"video", "latent"} & set(raw.column_names):
             rows = raw[idx]  # paths and labels, not yet decoded: each clip from its own random first frame
             starts = [float(torch.rand((), generator=g)) for g in gens]  # in [0, 1) of the starts that fit
             x = torch.as_tensor(np.stack([D.decode_video(path, t.frames, t.frame_stride, u, t.image_size, "spread")[0]
@@ -234,14 +233,13 @@ class ClassVideoTask(Task):
         t = self.tc
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        if t.fvd:
-            self._check_fvd()
+        net = self._check_fvd() if t.fvd else None  # before sampling: what FVD needs, and the network
         n = min(t.eval_samples, 100) if quick else t.eval_samples
         k = t.num_classes
         g = min(k, 10)
         labels = torch.arange(n) % k
         # batches shared among the processes of a distributed launch; process 0 goes on with the whole set
-        tag = shards.weights_tag(model, task=dataclasses.asdict(t), precision=self.cfg.precision, n=n, seed=1000)
+        tag = shards.weights_tag(model, **self.sampling_settings(), n=n, seed=1000)
         u8 = shards.sample_set(
             lambda first, count: to_uint8(self.generate(model, labels[first:first + count], seed=1000, first=first)),
             n, t.eval_batch, out_dir, tag)  # (n, T, C, H, W) uint8
@@ -264,18 +262,26 @@ class ClassVideoTask(Task):
             if self.moving_mnist:
                 beyond = to_uint8(ext[:, t.frames:, 0])  # (g, T_ext - T, H, W): frames past the training length
                 metrics["extend_frame_accuracy"] = moving_mnist_quality(beyond, ext_labels.numpy())["frame_accuracy"]
-        if t.fvd:
-            metrics["fvd"] = self._fvd(u8, quick)
+        if net is not None:
+            metrics["fvd"] = self._fvd(net, u8, quick)
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        shards.done(out_dir, tag, n, t.eval_batch)
         return metrics
 
-    def _fvd(self, fake_u8: np.ndarray, quick: bool) -> float:
+    def sampling_settings(self) -> dict:
+        """What an evaluation clip depends on besides the weights."""
+        t = self.tc
+        return {"cfg_scale": t.cfg_scale, "sample_steps": t.sample_steps, "scheduler": t.scheduler,
+                "frames": t.frames, "frames_per_block": t.frames_per_block, "image_size": t.image_size,
+                "codec": t.codec, "vae_path": t.vae_path, "num_classes": t.num_classes, "positions": t.positions,
+                "precision": self.cfg.precision, "patch_size": self.cfg.model.patch_size}
+
+    def _fvd(self, net, fake_u8: np.ndarray, quick: bool) -> float:
         """FVD of generated uint8 (N, T, H, W, C) clips against real clips of the same length and size."""
         from unimodal import metrics as M
 
         t = self.tc
         n_ref = min(t.fvd_reference_clips, 256 if quick else t.fvd_reference_clips)
-        net = M.I3DFeatures(t.i3d_path or None, device=self.device)
         if self.moving_mnist:
             real, _ = self._moving_mnist("test", n_ref)
             real = np.repeat(real[..., None], 3, axis=-1)  # (n, T, H, W, 3)
@@ -287,16 +293,17 @@ class ClassVideoTask(Task):
         fake = np.repeat(fake_u8, 3, axis=-1) if fake_u8.shape[-1] == 1 else fake_u8
         return M.frechet_distance(*M.feature_stats(net(fake)), ref["mu"], ref["sigma"])
 
-    def _check_fvd(self) -> None:
-        """Before sampling: what FVD needs of the settings."""
+    def _check_fvd(self):
+        """Before sampling: what FVD needs of the settings; returns the I3D network."""
+        from unimodal import metrics as M
         from unimodal.i3d import MIN_FRAMES
-        from unimodal.metrics import check_reference_source
 
         t = self.tc
         if t.frames < MIN_FRAMES:
             raise ValueError(f"FVD needs clips of at least {MIN_FRAMES} frames (I3D); task.frames is {t.frames}")
         if not self.moving_mnist:
-            check_reference_source(t.fvd_reference or t.dataset, "FVD")
+            M.check_reference_source(t.fvd_reference or t.dataset, "FVD")
+        return M.I3DFeatures(t.i3d_path or None, device=self.device)
 
 
 def digit_crops(frames_u8: np.ndarray, size: int = 28) -> np.ndarray:

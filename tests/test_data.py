@@ -356,6 +356,12 @@ def test_imagenet_folder_and_huggingface(tmp_path):
         data.imagenet(tmp_path / "in", "validation")
     # a folder of class folders is the split it is named as
     assert len(data.imagenet(tmp_path / "in" / "val", "val", size=64)) == 1
+    # class folders with their images in subfolders are still class folders
+    (tmp_path / "nested" / "train" / "cls_a" / "sub").mkdir(parents=True)
+    (tmp_path / "nested" / "train" / "cls_b").mkdir(parents=True)
+    Image.open(files[0]).save(tmp_path / "nested" / "train" / "cls_a" / "sub" / "x.png")
+    Image.open(files[1]).save(tmp_path / "nested" / "train" / "cls_b" / "y.png")
+    assert data.imagenet(tmp_path / "nested", "train", size=64)[:]["label"].tolist() == [0, 1]
     # a dataset snapshot's data/ of parquet files is read as a HuggingFace dataset, not as one class
     (tmp_path / "snap" / "data").mkdir(parents=True)
     hf.to_parquet(str(tmp_path / "snap" / "data" / "train-00000-of-00001.parquet"))

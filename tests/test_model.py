@@ -351,6 +351,7 @@ def test_a_bf16_autocast_training_step_tracks_fp32(backend):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model, loss, grads = _loss_and_grads(backend)
     assert loss.dtype == torch.float32 and abs(float(loss) / float(ref) - 1) < 2e-2, (float(loss), float(ref))
+    assert float(loss) != float(ref)  # autocast did run the products in bf16
     flat = torch.cat([g.flatten() for g in grads if g is not None])
     flat_ref = torch.cat([g.flatten() for g in ref_g if g is not None])
     assert float(F.cosine_similarity(flat, flat_ref, dim=0)) > 0.995
@@ -362,9 +363,14 @@ def test_a_bf16_autocast_training_step_tracks_fp32(backend):
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "block"])
-def test_gradient_checkpointing_changes_no_loss_or_gradient(backend):
+def test_gradient_checkpointing_changes_no_loss_or_gradient(backend, monkeypatch):
+    import unimodal.model as M
     model, ref, ref_g = _loss_and_grads(backend)
+    calls = []
+    real = M.checkpoint
+    monkeypatch.setattr(M, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
     _, loss, grads = _loss_and_grads(backend, gradient_checkpointing=True)
+    assert len(calls) == model.cfg.depth  # every block recomputed in the backward
     torch.testing.assert_close(loss, ref, atol=1e-6, rtol=1e-6)
     for (name, _), g, r in zip(model.named_parameters(), grads, ref_g):
         assert (g is None) == (r is None), name

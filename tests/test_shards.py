@@ -44,9 +44,43 @@ def test_sample_set_makes_only_the_batches_a_killed_run_left_missing(tmp_path):
     assert calls[10:] == [6, 9]  # batches 0 and 3 were on disk
     j = np.arange(11)
     assert np.array_equal(out, np.stack([j, j ** 2], 1))
-    assert not (tmp_path / ".samples").exists()  # removed once the set is whole
+    # another batch size is another set of files: made anew, the same samples
+    calls.clear()
+    calls += [None] * 10
+    assert np.array_equal(shards.sample_set(make, 11, 4, tmp_path, "tag"), out) and calls[10:] == [0, 4, 8]
+    shards.done(tmp_path, "tag", 11, 3)
+    shards.done(tmp_path, "tag", 11, 4)
+    assert not (tmp_path / ".samples").exists()  # removed once the results are written
     with pytest.raises(ValueError, match="batch"):
         shards.sample_set(make, 11, 0, tmp_path, "tag")
+
+
+def test_a_sample_set_another_evaluation_is_writing_is_refused(tmp_path):
+    import fcntl
+    first = shards.sample_set(lambda f, c: np.arange(f, f + c), 5, 2, tmp_path, "t")  # leaves its batches
+    with open(tmp_path / ".samples" / "t-n5-b2.lock", "w") as held:  # another evaluation at work
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(RuntimeError, match="another evaluation is writing"):
+            shards.sample_set(lambda f, c: np.arange(f, f + c), 5, 2, tmp_path, "t")
+    assert np.array_equal(shards.sample_set(lambda f, c: None, 5, 2, tmp_path, "t"), first)  # all on disk
+
+
+def _gather_worker(rank: int, init: str, n: int, out: str) -> None:
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    mine = shards.shard(n)
+    rows = torch.arange(mine.start, mine.stop, dtype=torch.float64)[:, None] * torch.tensor([1.0, -1.0])  # (m, 2)
+    got = shards.gather_rows(rows, n)
+    torch.save(got, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_gathered_rows_come_back_in_order_from_uneven_shares(tmp_path):
+    n = 7  # shares of 3 and 4 rows: the shorter one padded for the all-gather
+    torch.multiprocessing.spawn(_gather_worker, args=(f"file://{tmp_path / 'pg'}", n, str(tmp_path / "rows")), nprocs=2)
+    want = torch.arange(n, dtype=torch.float64)[:, None] * torch.tensor([1.0, -1.0])
+    for rank in range(2):
+        assert torch.equal(torch.load(tmp_path / f"rows.{rank}"), want)
 
 
 def test_the_tag_follows_the_weights_and_the_settings():

@@ -516,6 +516,14 @@ def image_folder(root, split: str | None = None, size: int = 256, crop: str = "a
                              str(root), _ImageTransform(size, crop))
 
 
+def _hf_files(p: Path) -> bool:
+    """Whether a directory is a HuggingFace dataset snapshot: data files at its top or in data/."""
+    kinds = {".parquet", ".arrow", ".jsonl", ".csv"}
+    top = (f for f in p.iterdir() if f.is_file())
+    data = (p / "data").rglob("*") if (p / "data").is_dir() else ()
+    return any(f.suffix in kinds for f in top) or any(f.suffix in kinds and f.is_file() for f in data)
+
+
 def _is_saved_dataset(p: Path) -> bool:
     return p.is_dir() and ((p / "dataset_dict.json").exists() or (p / "state.json").exists())
 
@@ -600,9 +608,8 @@ def imagenet(root, split: str = "train", size: int = 256, **kw):
         if sub is p and any(d.is_dir() and d.name in SPLIT_NAMES for d in p.iterdir()):
             kw.pop("allow_download", None)
             return image_folder(p, split, size, **kw)  # which names the splits it has
-        # class folders hold images directly; a dataset snapshot's data/ holds parquet or arrow files
-        has_classes = any(d.is_dir() and not d.name.startswith(".") and any(
-            f.suffix.lower() in IMAGE_EXTENSIONS for f in d.iterdir()) for d in sub.iterdir())
+        # class folders (images inside, at any depth), unless it is a dataset snapshot (parquet / arrow files)
+        has_classes = any(d.is_dir() and not d.name.startswith(".") for d in sub.iterdir()) and not _hf_files(sub)
         if has_classes:
             kw.pop("allow_download", None)
             return image_folder(p, split, size, **kw)

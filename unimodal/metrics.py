@@ -370,11 +370,17 @@ def adm_reference(net: InceptionFeatures, path: str | Path, progress: bool = Tru
         missing = {"arr_0", "mu", "sigma"} - set(z.files)
         if missing:
             raise ValueError(f"{path} is not an ADM reference batch: it lacks {sorted(missing)} (has {z.files})")
-        images, mu, sigma = z["arr_0"], z["mu"], z["sigma"]
+        mu, sigma = z["mu"], z["sigma"]
     if mu.shape != (2048,) or sigma.shape != (2048, 2048):
         raise ValueError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not Inception pool3 statistics "
                          f"((2048,) and (2048, 2048))")
-    ref = reference_stats(net, images, key=f"adm-{path.stem}-{_file_digest(path)}", progress=progress,
+
+    def images(step: int = 500):  # read only when the features are not cached yet
+        with np.load(path, allow_pickle=False) as z:
+            arr = z["arr_0"]  # (N, H, W, 3) uint8
+        for i in range(0, len(arr), step):
+            yield arr[i:i + step]
+    ref = reference_stats(net, images(), key=f"adm-{path.stem}-{_file_digest(path)}", progress=progress,
                           cache_dir=cache_dir)
     return {**ref, "mu": mu.astype(np.float64), "sigma": sigma.astype(np.float64)}
 
