@@ -80,7 +80,7 @@ def test_gathered_rows_come_back_in_order_from_uneven_shares(tmp_path):
     torch.multiprocessing.spawn(_gather_worker, args=(f"file://{tmp_path / 'pg'}", n, str(tmp_path / "rows")), nprocs=2)
     want = torch.arange(n, dtype=torch.float64)[:, None] * torch.tensor([1.0, -1.0])
     for rank in range(2):
-        assert torch.equal(torch.load(tmp_path / f"rows.{rank}"), want)
+        assert torch.equal(torch.load(tmp_path / f"rows.{rank}", weights_only=True), want)
 
 
 def test_the_tag_follows_the_weights_and_the_settings():
