@@ -332,7 +332,7 @@ def test_probe_of_trained_generator_beats_random_init_by_a_wide_margin(pretraine
     res = {}
     for name, init in (("trained", pretrained), ("random", str(tmp_path / "random"))):
         pc = load_config("configs/mnist_probe_tiny.py", ["task.train_limit=10000", "task.test_limit=10000",
-                                                         f"init_from={init}", f"out_dir={tmp_path / name}",
+                                                         f"init_from={init}", f"out_dir={tmp_path / f'probe_{name}'}",
                                                          "ckpt_every=100000"])
         res[name] = train.train(pc, quiet=True)["eval"]["top1"]
     a, b = res["trained"], res["random"]
