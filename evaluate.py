@@ -31,7 +31,7 @@ import torch
 
 from unimodal import checkpoint as ckpt
 from unimodal import shards
-from unimodal.config import apply_overrides, replace_strict, resolve_precision
+from unimodal.config import apply_overrides, int_at_least, replace_strict, resolve_precision
 
 
 def launch(device: str) -> tuple[int, int, str]:
@@ -142,12 +142,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                     help="where the model runs (default: cuda when available; under torchrun, each process's own)")
     g = ap.add_argument_group("sampling (a run's task settings, or a converted checkpoint's)")
-    g.add_argument("--samples", type=int, default=None, help="number of class-balanced samples "
+    g.add_argument("--samples", type=int_at_least(1), default=None, help="number of class-balanced samples "
                    "(task.eval_samples; 1000 for converted checkpoints)")
-    g.add_argument("--batch", type=int, default=None, help="samples per sampling batch (task.eval_batch; 50 for "
+    g.add_argument("--batch", type=int_at_least(1), default=None, help="samples per sampling batch (task.eval_batch; 50 for "
                    "converted checkpoints)")
     g.add_argument("--cfg", type=float, default=None, help="guidance scale (task.cfg_scale; default: the checkpoint's)")
-    g.add_argument("--steps", type=int, default=None, help="solver steps per block (task.sample_steps; 25)")
+    g.add_argument("--steps", type=int_at_least(1), default=None, help="solver steps per block (task.sample_steps; 25)")
     g = ap.add_argument_group("converted official checkpoints")
     g.add_argument("--reference", default=None, help="reference for FID / FVD: an ADM reference batch .npz "
                    "(VIRTUAL_imagenet256_labeled.npz, as DiT and ACDiT report), an image dataset (ImageFolder), or "
@@ -161,9 +161,6 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--inception", default=None, help="local TorchScript Inception file")
     args = ap.parse_intermixed_args(argv)
     flags = {"eval_samples": args.samples, "eval_batch": args.batch, "cfg_scale": args.cfg, "sample_steps": args.steps}
-    for name in ("samples", "batch", "steps"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            ap.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     c = Path(args.checkpoint)
     cfg_file = c / "config.json"
     try:
@@ -195,9 +192,8 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
         sys.exit(2)
-    finally:  # each process leaves its group when done (left to interpreter exit, gloo may abort the process)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    finally:
+        shards.leave_group()
 
 
 if __name__ == "__main__":

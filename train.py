@@ -39,6 +39,7 @@ from transformers.optimization import get_wsd_schedule
 
 from tasks import build_task
 from unimodal import checkpoint as ckpt
+from unimodal import shards
 from unimodal.config import TrainConfig, load_config, native_bf16, replace_strict, resolve_precision
 from unimodal.host import keep_freed_memory
 
@@ -375,9 +376,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}\n"
               f"(UNIMODAL_DEBUG=1 shows the traceback)", file=sys.stderr)
         sys.exit(2)
-    finally:  # each process leaves its group when done (left to interpreter exit, gloo may abort the process)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    finally:
+        shards.leave_group()
 
 
 if __name__ == "__main__":

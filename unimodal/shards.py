@@ -35,6 +35,13 @@ def rank_world() -> tuple[int, int]:
     return 0, 1
 
 
+def leave_group() -> None:
+    """This process leaves its process group (when done: left to interpreter exit, gloo may abort a process
+    whose peers are still working)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     if rank_world()[1] > 1:
         dist.barrier()
